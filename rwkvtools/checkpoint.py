@@ -1,0 +1,112 @@
+"""The in-memory checkpoint: a mapping of tensor names to tensors plus a manifest.
+
+Readers return a ``Checkpoint``; transforms take one and return a new one (never mutating the
+input); writers take one. Tensors may be lazy (memory-mapped safetensors): ``tensors[name]``
+materialises one tensor at a time, so a large model can be streamed tensor by tensor.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+MANIFEST_FORMAT_VERSION = 1
+
+
+class LazyTensors(Mapping):
+    """Read-only mapping name -> tensor whose values are produced on access by ``loader``."""
+
+    def __init__(self, names: list[str], loader: Callable[[str], torch.Tensor],
+                 shapes: dict[str, tuple] | None = None, dtypes: dict[str, torch.dtype] | None = None):
+        self._names = list(names)
+        self._set = set(names)
+        self._loader = loader
+        self._shapes = shapes or {}
+        self._dtypes = dtypes or {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._set:
+            raise KeyError(name)
+        return self._loader(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._set
+
+    def shape(self, name: str) -> tuple:
+        if name in self._shapes:
+            return tuple(self._shapes[name])
+        return tuple(self[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        if name in self._dtypes:
+            return self._dtypes[name]
+        return self[name].dtype
+
+
+def tensor_shape(tensors: Mapping, name: str) -> tuple:
+    """Shape of a tensor without materialising it when the mapping knows shapes."""
+    if isinstance(tensors, LazyTensors):
+        return tensors.shape(name)
+    return tuple(tensors[name].shape)
+
+
+def tensor_dtype(tensors: Mapping, name: str) -> torch.dtype:
+    if isinstance(tensors, LazyTensors):
+        return tensors.dtype(name)
+    return tensors[name].dtype
+
+
+def default_manifest() -> dict[str, Any]:
+    return {"format_version": MANIFEST_FORMAT_VERSION, "form": "parallel", "history": []}
+
+
+@dataclass
+class Checkpoint:
+    tensors: Mapping[str, torch.Tensor]
+    manifest: dict[str, Any] = field(default_factory=default_manifest)
+    source: str | None = None  # path it was read from, for messages
+
+    def shape(self, name: str) -> tuple:
+        return tensor_shape(self.tensors, name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return tensor_dtype(self.tensors, name)
+
+    @property
+    def form(self) -> str:
+        return self.manifest.get("form", "parallel")
+
+    @property
+    def history(self) -> list[dict]:
+        return self.manifest.get("history", [])
+
+    def with_tensors(self, tensors: Mapping[str, torch.Tensor], entry: dict | None = None,
+                     **manifest_updates) -> "Checkpoint":
+        """A new checkpoint with other tensors; ``entry`` is appended to the history."""
+        manifest = copy.deepcopy(self.manifest)
+        manifest.update(manifest_updates)
+        if entry is not None:
+            manifest.setdefault("history", []).append(entry)
+        return Checkpoint(tensors=tensors, manifest=manifest, source=self.source)
+
+    def materialize(self) -> "Checkpoint":
+        return Checkpoint({k: self.tensors[k] for k in self.tensors}, copy.deepcopy(self.manifest), self.source)
+
+    def num_params(self) -> int:
+        n = 0
+        for k in self.tensors:
+            s = self.shape(k)
+            p = 1
+            for d in s:
+                p *= d
+            n += p
+        return n

@@ -1,0 +1,211 @@
+"""The ``rwkvtools`` command: a thin Click layer over the library. Heavy modules are imported
+inside the commands; user errors become one clear message and exit code 2 (gates: exit 1)."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+
+import click
+
+from . import __version__
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class GateFailed(click.ClickException):
+    exit_code = 1
+
+    def show(self, file=None):
+        click.echo(self.format_message(), err=True)
+
+
+def handle_errors(fn):
+    """Turn library errors into clean messages; unexpected errors into a short internal-error
+    note (the traceback only with RWKVTOOLS_DEBUG=1)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .errors import GateError, RwkvToolsError
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except GateError as e:
+            raise GateFailed(str(e)) from None
+        except RwkvToolsError as e:
+            raise UserError(str(e)) from None
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+        except MemoryError:
+            raise UserError("out of memory; try a smaller --chunk-len or a machine with more memory") from None
+        except Exception as e:
+            if os.environ.get("RWKVTOOLS_DEBUG") == "1":
+                traceback.print_exc()
+            raise UserError(f"internal error ({type(e).__name__}: {e}); please report it "
+                            "(set RWKVTOOLS_DEBUG=1 for the traceback)") from None
+    return wrapper
+
+
+def emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+def _dtype(name: str):
+    import torch
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="rwkvtools")
+@click.option("-v", "--verbose", is_flag=True, help="Log which backends and kernels are used.")
+def main(verbose):
+    """Convert, compress and validate RWKV language models (v4, v5, v6, v7).
+
+    \b
+    Examples:
+      rwkvtools inspect model.pth
+      rwkvtools eval model.pth --text wiki.txt --max-tokens 8192
+      rwkvtools init tiny.safetensors --version 7 --layers 2 --dim 64 --vocab 256
+    """
+    if verbose:
+        import logging
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------ inspect
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect(model, as_json):
+    """Show a checkpoint's version, hyper-parameters, parameter counts and history.
+
+    \b
+    Example:
+      rwkvtools inspect ../shared/fixtures/tiny-rwkv-7v0-834K.pth --json
+    """
+    handle_errors(_inspect)(model, as_json)
+
+
+def _inspect(model, as_json):
+    from .inspect import describe, format_description
+    from .io import read_checkpoint
+    info = describe(read_checkpoint(model))
+    if as_json:
+        emit_json(info)
+    else:
+        click.echo(format_description(info))
+
+
+# --------------------------------------------------------------------------------------- eval
+@main.command(name="eval")
+@click.argument("model", type=click.Path())
+@click.option("--text", required=True, type=click.Path(), help="Text file (UTF-8) to score.")
+@click.option("--tokenizer", type=click.Choice(["auto", "bytes", "world", "neox"]), default="auto", show_default=True,
+              help="auto picks by vocab size: 256 bytes, 65536 World, 50277/50304 GPT-NeoX.")
+@click.option("--tokenizer-file", type=click.Path(), default=None, help="20B_tokenizer.json for --tokenizer neox.")
+@click.option("--encoding", default="utf-8", show_default=True,
+              help="Byte encoding for the bytes tokenizer (utf-16le for the v6 fixture).")
+@click.option("--max-tokens", type=int, default=None, help="Score only the first N tokens (N-1 predictions).")
+@click.option("--chunk-len", type=int, default=1024, show_default=True, help="Tokens per forward call.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on long texts in a terminal).")
+def eval_cmd(model, text, tokenizer, tokenizer_file, encoding, max_tokens, chunk_len, device, dtype, as_json, progress):
+    """Perplexity of MODEL on a text, the state carried across the whole text.
+
+    MODEL is any checkpoint rwkvtools reads, or an .onnx file exported by rwkvtools.
+
+    \b
+    Examples:
+      rwkvtools eval ../shared/fixtures/tiny-rwkv-7v0-834K.pth \\
+          --text ../shared/data/wikitext-2-test.txt --max-tokens 8192
+      rwkvtools eval model.pth --text wiki.txt --json
+    """
+    handle_errors(_eval)(model, text, tokenizer, tokenizer_file, encoding, max_tokens, chunk_len, device, dtype,
+                         as_json, progress)
+
+
+def _eval(model, text, tokenizer, tokenizer_file, encoding, max_tokens, chunk_len, device, dtype, as_json, progress):
+    from .evaluate import evaluate_file
+    if max_tokens is not None and max_tokens < 2:
+        raise UserError("--max-tokens must be at least 2")
+    if chunk_len < 1:
+        raise UserError("--chunk-len must be positive")
+    res = evaluate_file(model, text, tokenizer=tokenizer, tokenizer_file=tokenizer_file, encoding=encoding,
+                        max_tokens=max_tokens, chunk_len=chunk_len, device=device, dtype=_dtype(dtype),
+                        progress=progress)
+    if as_json:
+        emit_json(res)
+    else:
+        click.echo(f"model        {model}")
+        click.echo(f"text         {text} ({res['tokenizer']} tokens)")
+        click.echo(f"ppl          {res['ppl']:.6f}")
+        click.echo(f"nll/token    {res['nll_per_token']:.6f}")
+        click.echo(f"tokens       {res['tokens']} ({res['predictions']} predictions)")
+        click.echo(f"tokens/s     {res['tokens_per_s']:.1f}")
+        click.echo(f"backend      {res['backend']} on {res['device']}")
+
+
+# --------------------------------------------------------------------------------------- init
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("--version", "version", required=True, type=click.Choice(["4", "5.0", "5.1", "5.2", "6", "7"]),
+              help="RWKV version (5.0 = no gate, per-head decay; 5.2 = gate, per-channel decay).")
+@click.option("--layers", type=int, required=True)
+@click.option("--dim", type=int, required=True, help="n_embd.")
+@click.option("--vocab", type=int, required=True)
+@click.option("--head-size", type=int, default=64, show_default=True)
+@click.option("--ffn-dim", type=int, default=None, help="Default: 4*dim (v4, v7), 3.5*dim rounded to 32 (v5, v6).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--init", "init_kind", type=click.Choice(["random", "trainer"]), default="random", show_default=True,
+              help="trainer: the official trainers' scheme (zero matrices included); random: same scales, no zeros.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def init(out, version, layers, dim, vocab, head_size, ffn_dim, seed, init_kind, dtype, force):
+    """Write a random checkpoint of the given version and shape (real key names and shapes).
+
+    The format follows OUT's extension: .pth (BlinkDL) or .safetensors (default).
+
+    \b
+    Examples:
+      rwkvtools init tiny7.safetensors --version 7 --layers 2 --dim 64 --vocab 256 --head-size 16
+      rwkvtools init rwkv7-0.1b.pth --version 7 --layers 12 --dim 768 --vocab 65536
+    """
+    handle_errors(_init)(out, version, layers, dim, vocab, head_size, ffn_dim, seed, init_kind, dtype, force)
+
+
+def _init(out, version, layers, dim, vocab, head_size, ffn_dim, seed, init_kind, dtype, force):
+    from .io.writers import write_checkpoint
+    from .random_init import random_checkpoint
+    if os.path.exists(out) and not force:
+        raise UserError(f"{out} exists; pass --force to overwrite it")
+    ck = random_checkpoint(version, layers, dim, vocab, head_size, ffn_dim, seed, init_kind, _dtype(dtype))
+    fmt = write_checkpoint(ck, out)
+    n = ck.num_params()
+    click.echo(f"wrote {out} ({fmt}): RWKV v{version}, {layers} layers, dim {dim}, vocab {vocab}, {n:,} parameters")
+
+
+def _register_more():
+    """Commands of later modules register themselves here (kept in their own files)."""
+    import importlib
+    for mod in ("convert_cli", "lowrank_cli", "onnx_cli", "quantize_cli", "recursive_cli", "recipe_cli"):
+        try:
+            importlib.import_module(f".commands.{mod}", __package__)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.endswith(mod):
+                continue
+            raise
+
+
+_register_more()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,59 @@
+"""Readers and writers, one module per format. ``read_checkpoint`` sniffs the format from the
+file's first bytes (never from the extension alone)."""
+from __future__ import annotations
+
+import os
+
+from ..checkpoint import Checkpoint
+from ..errors import FormatError, RwkvToolsError
+
+FORMATS = ("pth", "safetensors", "rwkvcpp", "hf", "gguf")
+
+
+def sniff(path: str) -> str:
+    if not os.path.exists(path):
+        raise RwkvToolsError(f"{path}: no such file or folder")
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "config.json")):
+            return "hf"
+        raise FormatError(f"{path}: a folder without config.json is not a Hugging Face model folder")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise RwkvToolsError(f"{path}: cannot read ({e.strerror})") from None
+    if len(head) == 0:
+        raise FormatError(f"{path}: empty file")
+    if head[:4] == b"fmgg":
+        return "rwkvcpp"
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "pth"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".onnx":
+        raise FormatError(f"{path}: an ONNX model is not a checkpoint (eval accepts it; transforms need a checkpoint)")
+    raise FormatError(f"{path}: not a checkpoint rwkvtools can read (expected a .pth, .safetensors, "
+                      f"rwkv.cpp .bin, GGUF file or a Hugging Face folder; first bytes {head[:8].hex()})")
+
+
+def read_checkpoint(path: str, format: str | None = None) -> Checkpoint:
+    fmt = format or sniff(path)
+    if fmt == "pth":
+        from .pth import read_pth
+        return read_pth(path)
+    if fmt == "safetensors":
+        from .safetensors_io import read_safetensors
+        return read_safetensors(path)
+    if fmt == "rwkvcpp":
+        from .rwkvcpp import read_rwkvcpp
+        return read_rwkvcpp(path)
+    if fmt == "hf":
+        from .hf import read_hf
+        return read_hf(path)
+    if fmt == "gguf":
+        from .gguf_io import read_gguf
+        return read_gguf(path)
+    raise RwkvToolsError(f"unknown format '{fmt}'; known: {', '.join(FORMATS)}")

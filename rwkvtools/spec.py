@@ -1,0 +1,206 @@
+"""The single place that knows how tensor names and shapes map to an RWKV version and its
+hyper-parameters (training form, BlinkDL names). Nothing else guesses.
+
+Detection order is newest version first, by signature keys, with every dimension read from
+shapes (never from defaults): v7 (``att.r_k``/``att.k_k``), v6 (``att.time_maa_x``), v5
+(``att.ln_x``; minor layout from gate and decay shape), v4 (``att.time_first`` + ``time_mix``).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from .checkpoint import tensor_shape
+from .errors import SpecError
+
+VERSIONS = ("4", "5.0", "5.1", "5.2", "6", "7")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    version: str          # "4", "5.0", "5.1", "5.2", "6", "7"
+    n_layer: int
+    n_embd: int           # C
+    dim_att: int          # A (= C in released models)
+    n_head: int           # H (v4: 1 per channel group; reported as A)
+    head_size: int        # N
+    ffn_dim: int          # F
+    vocab: int            # V
+    lora: dict = field(default_factory=dict)  # v6: mix/decay; v7: w/a/v/g ranks
+    bonus: str = ""       # v5: "time_first" (log-space, exp'd) or "time_faaaa" (linear)
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+    @property
+    def has_gate(self) -> bool:
+        return self.version in ("5.1", "5.2", "6")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear layers may be stored dense or transformed; the spec needs only their (out, in) shape
+def linear_shape(tensors: Mapping, prefix: str) -> tuple[int, int] | None:
+    """(out_features, in_features) of the linear stored under ``prefix`` in any representation
+    rwkvtools writes (dense, low-rank factors, quantized, shared+LoRA), or None if absent."""
+    if f"{prefix}.weight" in tensors:
+        s = tensor_shape(tensors, f"{prefix}.weight")
+        if len(s) == 2:
+            return (s[0], s[1])
+    if f"{prefix}.weight_u" in tensors and f"{prefix}.weight_v" in tensors:  # low-rank U(out,r) V(r,in)
+        return (tensor_shape(tensors, f"{prefix}.weight_u")[0], tensor_shape(tensors, f"{prefix}.weight_v")[1])
+    if f"{prefix}.shape" in tensors:  # quantized / shared linears store their logical shape
+        s = tensors[f"{prefix}.shape"].tolist()
+        return (int(s[0]), int(s[1]))
+    return None
+
+
+def _layers(tensors: Mapping) -> int:
+    idx = set()
+    pat = re.compile(r"^blocks\.(\d+)\.")
+    for k in tensors:
+        m = pat.match(k)
+        if m:
+            idx.add(int(m.group(1)))
+    if not idx:
+        return 0
+    n = max(idx) + 1
+    missing = sorted(set(range(n)) - idx)
+    if missing:
+        raise SpecError(f"layer indices are not contiguous: blocks {missing} are missing (found {n} layers)")
+    return n
+
+
+def _need(tensors: Mapping, name: str, what: str) -> tuple:
+    if name not in tensors:
+        raise SpecError(f"{what}: expected tensor '{name}', which is missing")
+    return tensor_shape(tensors, name)
+
+
+def _common(tensors: Mapping) -> tuple[int, int, int, int]:
+    v, c = _need(tensors, "emb.weight", "embedding")
+    n_layer = _layers(tensors)
+    if n_layer == 0:
+        raise SpecError("no 'blocks.<i>.*' tensors found: this is not an RWKV checkpoint")
+    f = linear_shape(tensors, "blocks.0.ffn.key")
+    if f is None:
+        raise SpecError("channel-mix: expected 'blocks.0.ffn.key.weight' (or its factors), which is missing")
+    return v, c, n_layer, f[0]
+
+
+def _detect_v7(t: Mapping) -> ModelSpec:
+    v, c, n_layer, ffn = _common(t)
+    h, n = _need(t, "blocks.0.att.r_k", "v7 bonus")
+    lora = {"w": _need(t, "blocks.0.att.w1", "v7 decay LoRA")[1],
+            "a": _need(t, "blocks.0.att.a1", "v7 ICLR LoRA")[1],
+            "g": _need(t, "blocks.0.att.g1", "v7 gate LoRA")[1]}
+    if n_layer > 1:
+        lora["v"] = _need(t, "blocks.1.att.v1", "v7 value-residual LoRA")[1]
+    else:
+        lora["v"] = 0
+    for bad in ("blocks.0.ffn.s_emb.weight", "blocks.0.ffn.s0"):
+        if bad in t:
+            raise SpecError(f"'{bad}' belongs to the RWKV-7 DeepEmbed variant, which is not plain x070 and is not supported")
+    return ModelSpec("7", n_layer, c, h * n, h, n, ffn, v, lora)
+
+
+def _detect_v6(t: Mapping) -> ModelSpec:
+    v, c, n_layer, ffn = _common(t)
+    h, n = _need(t, "blocks.0.att.time_faaaa", "v6 bonus")
+    for bad, why in (("blocks.0.att.gate_w1", "x060a"), ("blocks.0.att.time_maa_rkvw_w1", "x060b/c")):
+        if bad in t:
+            raise SpecError(f"'{bad}' belongs to the experimental RWKV-6 trainer variant {why}, which is not supported")
+    lora = {"mix": _need(t, "blocks.0.att.time_maa_w2", "v6 mix LoRA")[1],
+            "decay": _need(t, "blocks.0.att.time_decay_w1", "v6 decay LoRA")[1]}
+    return ModelSpec("6", n_layer, c, h * n, h, n, ffn, v, lora, bonus="time_faaaa")
+
+
+def _detect_v5(t: Mapping) -> ModelSpec:
+    v, c, n_layer, ffn = _common(t)
+    td = _need(t, "blocks.0.att.time_decay", "v5 decay")
+    a = _need(t, "blocks.0.att.ln_x.weight", "v5 group norm")[0]
+    h = td[0]
+    if a % h:
+        raise SpecError(f"v5: attention dim {a} is not a multiple of the head count {h} (from time_decay {td})")
+    n = a // h
+    bonus = "time_faaaa" if "blocks.0.att.time_faaaa" in t else "time_first"
+    if bonus == "time_first" and "blocks.0.att.time_first" not in t:
+        raise SpecError("v5: expected 'blocks.0.att.time_faaaa' or 'blocks.0.att.time_first', neither is present")
+    gate = linear_shape(t, "blocks.0.att.gate") is not None
+    if len(td) == 2 and td[1] > 1:
+        if not gate:
+            raise SpecError("v5.2 layout (per-channel time_decay (H, N)) without 'att.gate.weight': unknown layout")
+        version = "5.2"
+    else:
+        version = "5.1" if gate else "5.0"
+    return ModelSpec(version, n_layer, c, a, h, n, ffn, v, {}, bonus=bonus)
+
+
+def _detect_v4(t: Mapping) -> ModelSpec:
+    v, c, n_layer, ffn = _common(t)
+    a = _need(t, "blocks.0.att.time_first", "v4 bonus")[0]
+    _need(t, "blocks.0.att.time_mix_k", "v4 token shift")
+    for bad in ("blocks.0.pos_emb_x", "head_q.weight", "blocks.0.ffnPre.key.weight"):
+        if bad in t:
+            raise SpecError(f"'{bad}' is a legacy RWKV-4neo extra (position embedding / tiny attention / ffnPre), which is not supported")
+    return ModelSpec("4", n_layer, c, a, 1, a, ffn, v, {})
+
+
+# registry with loud misses: (name, signature keys (any), detector)
+_REGISTRY: list[tuple[str, tuple[str, ...], Callable[[Mapping], ModelSpec]]] = []
+
+
+def register_spec(name: str, signatures: tuple[str, ...], detector: Callable[[Mapping], ModelSpec]):
+    _REGISTRY.append((name, signatures, detector))
+
+
+register_spec("7", ("blocks.0.att.r_k", "blocks.0.att.k_k"), _detect_v7)
+register_spec("6", ("blocks.0.att.time_maa_x",), _detect_v6)
+register_spec("5", ("blocks.0.att.ln_x.weight",), _detect_v5)
+register_spec("4", ("blocks.0.att.time_first",), _detect_v4)
+
+
+def detect(tensors: Mapping, manifest: dict | None = None) -> ModelSpec:
+    """Detect the version and hyper-parameters from tensor names and shapes alone."""
+    if "_strategy" in tensors or "_version" in tensors:
+        raise SpecError("this file was converted by ChatRWKV for one inference strategy (it has '_strategy'); "
+                        "use the original training checkpoint (.pth) instead")
+    for name, sigs, det in _REGISTRY:
+        if any(s in tensors for s in sigs):
+            spec = det(tensors)
+            _check_heads(spec)
+            return spec
+    expected = "; ".join(f"v{n}: one of {', '.join(s)}" for n, s, _ in _REGISTRY)
+    found = sorted(tensors)[:12]
+    raise SpecError(f"unknown layout: no RWKV signature tensor found (expected {expected}); "
+                    f"found {len(tensors)} tensors, e.g. {', '.join(found) if found else 'none'}")
+
+
+def _check_heads(spec: ModelSpec) -> None:
+    if spec.major >= 5 and spec.n_head * spec.head_size != spec.dim_att:
+        raise SpecError(f"v{spec.version}: {spec.n_head} heads x head size {spec.head_size} != attention dim {spec.dim_att}")
+
+
+def param_groups(tensors: Mapping) -> dict[str, int]:
+    """Parameter count by group: embedding, time-mix, channel-mix, head, norms/other."""
+    out = {"embedding": 0, "time_mix": 0, "channel_mix": 0, "head": 0, "other": 0}
+    for k in tensors:
+        n = 1
+        for d in tensor_shape(tensors, k):
+            n *= d
+        if k.startswith("emb."):
+            out["embedding"] += n
+        elif k.startswith("head."):
+            out["head"] += n
+        elif ".att." in k:
+            out["time_mix"] += n
+        elif ".ffn." in k:
+            out["channel_mix"] += n
+        else:
+            out["other"] += n
+    return out

@@ -1,0 +1,75 @@
+"""Tokenizers for perplexity: bytes (vocab 256), RWKV World (vocab 65536, via the maintained
+``pyrwkv-tokenizer`` package) and GPT-NeoX 20B (Pile models, via ``tokenizers`` and the
+``20B_tokenizer.json`` file the user holds; nothing is downloaded)."""
+from __future__ import annotations
+
+import os
+
+from .errors import RwkvToolsError
+
+TOKENIZERS = ("auto", "bytes", "world", "neox")
+NEOX_VOCABS = (50277, 50304)
+
+
+def pick(name: str, vocab: int) -> str:
+    if name != "auto":
+        return name
+    if vocab == 256:
+        return "bytes"
+    if vocab == 65536:
+        return "world"
+    if vocab in NEOX_VOCABS:
+        return "neox"
+    raise RwkvToolsError(f"--tokenizer auto: no tokenizer is known for vocab size {vocab}; "
+                         "choose one with --tokenizer bytes|world|neox")
+
+
+class Tokenizer:
+    def __init__(self, name: str, vocab: int, tokenizer_file: str | None = None, encoding: str = "utf-8"):
+        self.name = pick(name, vocab)
+        self.encoding = encoding
+        if self.name == "bytes":
+            if vocab < 256:
+                raise RwkvToolsError(f"the bytes tokenizer needs a vocab of at least 256, the model has {vocab}")
+            self._enc = lambda text: list(text.encode(encoding))
+        elif self.name == "world":
+            try:
+                import pyrwkv_tokenizer
+            except ImportError:
+                raise RwkvToolsError("the World tokenizer needs the 'pyrwkv-tokenizer' package: pip install pyrwkv-tokenizer") from None
+            tok = pyrwkv_tokenizer.RWKVTokenizer()
+            self._enc = tok.encode
+        elif self.name == "neox":
+            path = tokenizer_file or os.environ.get("RWKVTOOLS_NEOX_TOKENIZER")
+            if not path or not os.path.exists(path):
+                raise RwkvToolsError("the GPT-NeoX 20B tokenizer needs its '20B_tokenizer.json' (shipped with "
+                                     "RWKV-LM and ChatRWKV): pass --tokenizer-file PATH or set RWKVTOOLS_NEOX_TOKENIZER")
+            from tokenizers import Tokenizer as HFTok
+            try:
+                tok = HFTok.from_file(path)
+            except Exception as e:  # tokenizers raises its own exception type
+                raise RwkvToolsError(f"{path}: not a tokenizers JSON file ({e})") from None
+            self._enc = lambda text: tok.encode(text).ids
+        else:
+            raise RwkvToolsError(f"unknown tokenizer '{name}'; known: {', '.join(TOKENIZERS)}")
+        self.vocab = vocab
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._enc(text)
+        if ids and max(ids) >= self.vocab:
+            raise RwkvToolsError(f"the {self.name} tokenizer produced id {max(ids)}, outside the model's vocab {self.vocab}")
+        return ids
+
+
+def read_text(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise RwkvToolsError(f"{path}: no such text file") from None
+    except OSError as e:
+        raise RwkvToolsError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RwkvToolsError(f"{path}: not UTF-8 text ({e})") from None

@@ -1,0 +1,129 @@
+"""Validation: perplexity over a text with the state carried across the whole text, logits drift
+against a reference model, and gates that turn a report into pass/fail."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .errors import GateError, RwkvToolsError
+
+DEFAULT_CHUNK = 1024
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll_per_token: float
+    tokens: int          # tokens read (predictions = tokens - 1)
+    tokens_per_s: float
+    backend: str
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = {"ppl": self.ppl, "nll_per_token": self.nll_per_token, "tokens": self.tokens,
+             "predictions": max(self.tokens - 1, 0), "tokens_per_s": self.tokens_per_s,
+             "backend": self.backend, "seconds": self.seconds}
+        d.update(self.extra)
+        return d
+
+
+def _progress(total: int, enabled: bool | None):
+    if enabled is None:
+        enabled = total >= 4096 and sys.stderr.isatty()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        enabled = False
+    if not enabled:
+        return None
+    return tqdm(total=total, unit="tok", file=sys.stderr, desc="perplexity", leave=False)
+
+
+@torch.inference_mode()
+def perplexity(model, tokens: list[int] | torch.Tensor, chunk_len: int = DEFAULT_CHUNK,
+               progress: bool | None = None, head_chunk: int = 512) -> PerplexityResult:
+    """exp(mean NLL) of every token after the first, the state carried through the whole text,
+    processed in chunks of ``chunk_len`` tokens."""
+    from . import ops
+    toks = torch.as_tensor(tokens, dtype=torch.long).flatten()
+    n = toks.numel()
+    if n < 2:
+        raise RwkvToolsError(f"perplexity needs at least 2 tokens, the text gives {n}")
+    device = model.emb.device if hasattr(model, "emb") else "cpu"
+    toks = toks.to(device)
+    inp, tgt = toks[:-1], toks[1:]
+    state = None
+    nll = 0.0
+    bar = _progress(n - 1, progress)
+    backend = None
+    t0 = time.perf_counter()
+    for s in range(0, n - 1, chunk_len):
+        x = inp[s:s + chunk_len].unsqueeze(0)
+        y = tgt[s:s + chunk_len]
+        if backend is None:
+            backend = ops.backend_for(model.emb, x.shape[1])
+        h, state = model.forward_hidden(x, state)
+        h = h[0]
+        for j in range(0, h.shape[0], head_chunk):
+            logits = model.head(h[j:j + head_chunk]).float()
+            nll += F.cross_entropy(logits, y[j:j + head_chunk], reduction="sum").item()
+        if bar is not None:
+            bar.update(x.shape[1])
+    if bar is not None:
+        bar.close()
+    dt = time.perf_counter() - t0
+    m = nll / (n - 1)
+    return PerplexityResult(ppl=math.exp(m), nll_per_token=m, tokens=n, tokens_per_s=n / dt if dt > 0 else float("inf"),
+                            backend=backend or "chunked", seconds=dt)
+
+
+@torch.inference_mode()
+def logits_drift(model_a, model_b, tokens, max_tokens: int = 256) -> dict:
+    """Max and mean absolute difference of logits between two models on the same tokens."""
+    toks = torch.as_tensor(tokens[:max_tokens], dtype=torch.long).unsqueeze(0)
+    la, _ = model_a(toks.to(model_a.emb.device))
+    lb, _ = model_b(toks.to(model_b.emb.device))
+    d = (la.float().cpu() - lb.float().cpu()).abs()
+    return {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "tokens": int(toks.shape[1])}
+
+
+@dataclass
+class Gate:
+    metric: str        # e.g. "ppl_increase_pct"
+    max: float | None = None
+    min: float | None = None
+
+    def check(self, report: dict) -> tuple[bool, str]:
+        if self.metric not in report:
+            return False, f"{self.metric}: not measured"
+        v = report[self.metric]
+        if self.max is not None and v > self.max:
+            return False, f"{self.metric} = {v:.6g} > {self.max:g}"
+        if self.min is not None and v < self.min:
+            return False, f"{self.metric} = {v:.6g} < {self.min:g}"
+        return True, f"{self.metric} = {v:.6g} ok"
+
+
+def apply_gates(report: dict, gates: list[Gate]) -> list[dict]:
+    """Evaluate every gate; record verdicts in report['gates']; raise one GateError listing all
+    failures (after recording them)."""
+    verdicts = []
+    for g in gates:
+        ok, msg = g.check(report)
+        verdicts.append({"metric": g.metric, "max": g.max, "min": g.min, "passed": ok, "detail": msg})
+    report["gates"] = verdicts
+    report["passed"] = all(v["passed"] for v in verdicts)
+    return verdicts
+
+
+def raise_on_failed(report: dict) -> None:
+    failed = [v for v in report.get("gates", []) if not v["passed"]]
+    if failed:
+        table = "\n".join(f"  FAIL  {v['detail']}" for v in failed)
+        raise GateError(f"{len(failed)} gate(s) failed:\n{table}")

@@ -1,0 +1,42 @@
+"""The reference model against the official runtime, ChatRWKV's ``rwkv`` package (test-only
+dependency), on random-weight checkpoints of every version it supports (v4, v5.0, v5.1, v5.2, v6,
+v7): whole-sequence forward and token-by-token loop."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from rwkvtools.io.pth import write_pth
+from rwkvtools.model import build_model
+from conftest import VERSIONS
+
+RUNNER = pathlib.Path(__file__).with_name("chatrwkv_runner.py")
+
+
+def chatrwkv_logits(pth: str, tokens: list[int], v7: bool, out: str) -> dict:
+    cmd = [sys.executable, str(RUNNER), pth, out + ".json", out]
+    json.dump(tokens, open(out + ".json", "w"))
+    if v7:
+        cmd.append("v7")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return dict(np.load(out))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_reference_matches_chatrwkv(tmp_path, tiny_models, version):
+    pytest.importorskip("rwkv", reason="ChatRWKV's rwkv package is a test dependency: pip install -e .[test]")
+    ck = tiny_models[version]
+    pth = str(tmp_path / "model.pth")
+    write_pth(ck, pth)
+    tokens = torch.randint(0, 97, (45,), generator=torch.Generator().manual_seed(11)).tolist()
+    theirs = chatrwkv_logits(pth, tokens, version == "7", str(tmp_path / "out.npz"))
+    with torch.no_grad():
+        ours, _ = build_model(ck)(torch.tensor([tokens]))
+    ours = ours[0].numpy()
+    assert np.abs(ours - theirs["seq"]).max() <= 1e-5
+    assert np.abs(ours - theirs["step"]).max() <= 1e-5

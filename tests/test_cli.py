@@ -1,0 +1,118 @@
+"""CLI: every subcommand's --help, inspect / eval / init end to end, and bad input: a clear
+message, exit code 2, no traceback, no partial output."""
+import json
+import pickle
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rwkvtools.cli import main
+from conftest import DATA, fixture_path
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_every_command_has_help():
+    res = run("--help")
+    assert res.exit_code == 0
+    commands = [line.split()[0] for line in res.output.split("Commands:")[1].strip().splitlines() if line.strip()]
+    assert {"inspect", "eval", "init"} <= set(commands)
+    for c in commands:
+        sub = run(c, "--help")
+        assert sub.exit_code == 0, c
+        assert "Example" in sub.output, f"{c} --help has no example"
+
+
+@pytest.mark.parametrize("version", ["4", "5.0", "5.2", "6", "7"])
+def test_init_inspect_eval_roundtrip(tmp_path, version):
+    out = tmp_path / f"m{version}.safetensors"
+    res = run("init", out, "--version", version, "--layers", 2, "--dim", 32, "--vocab", 256, "--head-size", 8)
+    assert res.exit_code == 0, res.output
+    info = json.loads(run("inspect", out, "--json").output)
+    assert info["version"] == version
+    assert info["hyperparameters"]["n_layer"] == 2 and info["hyperparameters"]["n_embd"] == 32
+    assert info["history"][0]["transform"] == "init"
+    txt = tmp_path / "t.txt"
+    txt.write_text("hello world " * 50)
+    ev = run("eval", out, "--text", txt, "--json", "--max-tokens", 300)
+    assert ev.exit_code == 0, ev.output
+    r = json.loads(ev.output)
+    assert set(r) >= {"ppl", "nll_per_token", "tokens", "tokens_per_s", "backend"}
+    assert r["tokens"] == 300 and r["predictions"] == 299
+
+
+def test_init_refuses_existing_file(tmp_path):
+    out = tmp_path / "m.pth"
+    out.write_bytes(b"keep me")
+    res = run("init", out, "--version", "7", "--layers", 1, "--dim", 32, "--vocab", 16, "--head-size", 8)
+    assert res.exit_code == 2 and "exists" in res.output
+    assert out.read_bytes() == b"keep me"
+
+
+def test_init_pth_loads_as_blinkdl(tmp_path):
+    out = tmp_path / "m.pth"
+    assert run("init", out, "--version", "7", "--layers", 2, "--dim", 32, "--vocab", 50, "--head-size", 8).exit_code == 0
+    sd = torch.load(out, weights_only=True)
+    assert sd["blocks.0.att.r_k"].shape == (4, 8) and sd["emb.weight"].shape == (50, 32)
+
+
+def test_eval_fixture_text_output(shared):
+    res = run("eval", fixture_path("tiny-rwkv-7v0-834K.pth"), "--text", DATA / "wikitext-2-test.txt", "--max-tokens", 2048)
+    assert res.exit_code == 0
+    assert "ppl" in res.output and "backend" in res.output
+
+
+def test_inspect_fixture_text_output(shared):
+    res = run("inspect", fixture_path("tiny-rwkv-5v2-730K-Q5_1.bin"))
+    assert res.exit_code == 0
+    assert "RWKV v5.2" in res.output and "Q5_1" in res.output
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def _bad_inputs(tmp_path):
+    trunc = tmp_path / "trunc.bin"
+    trunc.write_bytes(open(fixture_path("tiny-rwkv-7v0-834K-FP32.bin"), "rb").read()[:5000])
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"emb.weight": _Evil()}))
+    notckpt = tmp_path / "notes.txt"
+    notckpt.write_text("just some text")
+    nokeys = tmp_path / "nokeys.pth"
+    torch.save({"foo": torch.zeros(3)}, nokeys)
+    return {"missing": tmp_path / "missing.pth", "truncated": trunc, "evil pickle": evil,
+            "not a checkpoint": notckpt, "unknown layout": nokeys}
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "evil pickle", "not a checkpoint", "unknown layout"])
+@pytest.mark.parametrize("command", ["inspect", "eval"])
+def test_bad_input_is_a_clear_error(tmp_path, capsys, case, command):
+    path = _bad_inputs(tmp_path)[case]
+    txt = tmp_path / "t.txt"
+    txt.write_text("abc" * 10)
+    args = [command, path] + (["--text", txt] if command == "eval" else [])
+    res = run(*args)
+    assert res.exit_code == 2, res.output
+    assert "error:" in res.output
+    assert "Traceback" not in res.output
+    assert "pwned" not in res.output and "pwned" not in capsys.readouterr().out
+
+
+def test_eval_bad_options(tmp_path):
+    out = tmp_path / "m.safetensors"
+    run("init", out, "--version", "7", "--layers", 1, "--dim", 32, "--vocab", 300, "--head-size", 8)
+    txt = tmp_path / "t.txt"
+    txt.write_text("abc")
+    res = run("eval", out, "--text", txt)  # vocab 300: auto cannot pick
+    assert res.exit_code == 2 and "--tokenizer" in res.output
+    res = run("eval", out, "--text", tmp_path / "nope.txt", "--tokenizer", "bytes")
+    assert res.exit_code == 2 and "no such text file" in res.output
+    res = run("eval", out, "--text", txt, "--tokenizer", "neox")
+    assert res.exit_code == 2 and "20B_tokenizer.json" in res.output

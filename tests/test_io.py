@@ -1,0 +1,154 @@
+"""Readers: .pth (weights_only), safetensors (lazy, manifest), rwkv.cpp .bin (every block type,
+bounds checks), and hostile inputs."""
+import io
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from rwkvtools.errors import FormatError, RwkvToolsError, UnsafeFileError
+from rwkvtools.io import ggml_quants, read_checkpoint, sniff
+from rwkvtools.io.pth import write_pth
+from rwkvtools.io.safetensors_io import write_safetensors
+from rwkvtools.checkpoint import LazyTensors
+
+
+def test_pth_roundtrip(tmp_path, tiny_models):
+    ck = tiny_models["7"]
+    p = tmp_path / "m.pth"
+    write_pth(ck, str(p))
+    back = read_checkpoint(str(p))
+    assert set(back.tensors) == set(ck.tensors)
+    for k in ck.tensors:
+        assert torch.equal(back.tensors[k], ck.tensors[k])
+
+
+def test_safetensors_lazy_and_manifest(tmp_path, tiny_models):
+    ck = tiny_models["6"]
+    p = tmp_path / "m.safetensors"
+    write_safetensors(ck, str(p))
+    back = read_checkpoint(str(p))
+    assert isinstance(back.tensors, LazyTensors)
+    assert back.manifest["history"][0]["transform"] == "init"
+    assert back.shape("blocks.0.att.time_maa_w2") == tuple(ck.tensors["blocks.0.att.time_maa_w2"].shape)
+    for k in ck.tensors:
+        assert torch.equal(back.tensors[k], ck.tensors[k])
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    p = tmp_path / "evil.pth"
+    torch.save({"emb.weight": torch.zeros(2, 2), "x": _Evil()}, str(p))
+    with pytest.raises(UnsafeFileError, match="refused"):
+        read_checkpoint(str(p))
+    raw = tmp_path / "evil_raw.pth"
+    raw.write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(UnsafeFileError):
+        read_checkpoint(str(raw))
+
+
+def test_non_tensor_entries_are_refused(tmp_path):
+    p = tmp_path / "odd.pth"
+    torch.save({"emb.weight": torch.zeros(2, 2), "step": 3}, str(p))
+    with pytest.raises(FormatError, match="step"):
+        read_checkpoint(str(p))
+
+
+def test_sniff_errors(tmp_path):
+    with pytest.raises(RwkvToolsError, match="no such file"):
+        sniff(str(tmp_path / "missing.pth"))
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(FormatError, match="empty"):
+        sniff(str(tmp_path / "empty.bin"))
+    (tmp_path / "text.txt").write_text("hello world, not a model")
+    with pytest.raises(FormatError, match="not a checkpoint"):
+        sniff(str(tmp_path / "text.txt"))
+
+
+def test_truncated_safetensors(tmp_path, tiny_models):
+    p = tmp_path / "m.safetensors"
+    write_safetensors(tiny_models["7"], str(p))
+    data = p.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FormatError, match="truncated|outside"):
+        read_checkpoint(str(tmp_path / "cut.safetensors"))
+    (tmp_path / "hdr.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    with pytest.raises(FormatError, match="header length"):
+        read_checkpoint(str(tmp_path / "hdr.safetensors"))
+
+
+def _cpp_file(records, version=101, dtype=0, n_vocab=4, n_embed=32, n_layer=1):
+    out = io.BytesIO()
+    out.write(struct.pack("<6i", 0x67676D66, version, n_vocab, n_embed, n_layer, dtype))
+    for name, rtype, dims, data in records:
+        key = name.encode()
+        out.write(struct.pack("<3i", len(dims), len(key), rtype))
+        out.write(struct.pack(f"<{len(dims)}i", *dims))
+        out.write(key)
+        out.write(data)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda b: b[:10], "too short"),
+    (lambda b: b"XXXX" + b[4:], "bad magic"),
+    (lambda b: b[:4] + struct.pack("<i", 7) + b[8:], "file version"),
+    (lambda b: b[:-5], "truncated"),
+    (lambda b: b[:24] + struct.pack("<3i", 9, 5, 0) + b[36:], "dim_count"),
+    (lambda b: b[:24] + struct.pack("<3i", 2, 1 << 30, 0) + b[36:], "key length"),
+    (lambda b: b[:24] + struct.pack("<3i", 2, 10, 42) + b[36:], "unknown data type"),
+    (lambda b: b[:24] + struct.pack("<3i", 2, 10, 5) + b[36:], "removed"),
+    (lambda b: b[:36] + struct.pack("<2i", 1 << 30, 1 << 30) + b[44:], "needs|invalid dims|truncated"),
+])
+def test_rwkvcpp_hostile_headers(tmp_path, bad, match):
+    good = _cpp_file([("emb.weight", 0, (32, 4), np.zeros(128, np.float32).tobytes())])
+    p = tmp_path / "x.bin"
+    p.write_bytes(bad(good))
+    with pytest.raises(FormatError, match=match):
+        read_checkpoint(str(p), format="rwkvcpp")
+
+
+def test_rwkvcpp_quant_row_not_multiple_of_32(tmp_path):
+    p = tmp_path / "q.bin"
+    p.write_bytes(_cpp_file([("emb.weight", 8, (20, 4), b"\0" * 100)]))
+    with pytest.raises(FormatError, match="multiple of 32"):
+        read_checkpoint(str(p))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def test_block_dequantize_matches_gguf_package(qtype):
+    """Our numpy block decoder against llama.cpp's own Python library (an independent one)."""
+    gguf = pytest.importorskip("gguf")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    x[3] = 0.25  # all-equal row
+    qt = getattr(gguf.GGMLQuantizationType, qtype)
+    raw = gguf.quants.quantize(x, qt)
+    theirs = gguf.quants.dequantize(raw, qt).reshape(-1)
+    ours = ggml_quants.dequantize(qtype, np.ascontiguousarray(raw).view(np.uint8).reshape(-1), x.size)
+    np.testing.assert_array_equal(ours, theirs)
+    # and our quantizer writes the same bytes as the gguf package (= ggml's reference)
+    mine = ggml_quants.quantize(qtype, x)
+    np.testing.assert_array_equal(mine, np.ascontiguousarray(raw).view(np.uint8).reshape(-1))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def test_block_quantize_error_bound(qtype):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(32 * 50).astype(np.float32)
+    back = ggml_quants.dequantize(qtype, ggml_quants.quantize(qtype, x), x.size)
+    blocks = x.reshape(-1, 32)
+    amax = np.abs(blocks).max(1)
+    span = blocks.max(1) - blocks.min(1)
+    # symmetric types map the largest magnitude to -nmax, so the other sign clips by one step
+    bound = {"Q4_0": amax / 8, "Q5_0": amax / 16, "Q8_0": amax / 127 * 0.5,
+             "Q4_1": span / 15 * 0.5, "Q5_1": span / 31 * 0.5}[qtype]
+    bound = bound * 1.01 + amax * 4e-3  # + the fp16 rounding of scale and minimum
+    assert np.all(np.abs(back - x).reshape(-1, 32).max(1) <= bound)

@@ -1,0 +1,112 @@
+"""The reference model of every version: parallel form vs token by token vs naive WKV vs any
+split into pieces, logits and final state, fp32, odd lengths, batch > 1."""
+import pytest
+import torch
+
+from rwkvtools import ops
+from rwkvtools.model import build_model
+from conftest import VERSIONS, max_rel
+
+TOL = 1e-5
+
+
+def _state_view(spec, st):
+    if spec.major == 4:  # (aa, bb, pp) is defined up to a common scale: compare a/b and log b
+        return {"att_x": st["att_x"], "ffn_x": st["ffn_x"], "ab": st["aa"] / st["bb"],
+                "logb": torch.log(st["bb"]) + st["pp"]}
+    return st
+
+
+def _assert_state_close(spec, s1, s0, tol=TOL):
+    a, b = _state_view(spec, s1), _state_view(spec, s0)
+    for k in b:
+        assert max_rel(a[k], b[k]) <= tol, k
+
+
+@pytest.fixture(autouse=True)
+def _reset_backend():
+    yield
+    ops.set_backend(None)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("T", (1, 13, 64, 101))
+def test_forms_agree(tiny_models, version, T):
+    model = build_model(tiny_models[version])
+    g = torch.Generator().manual_seed(T)
+    toks = torch.randint(0, 97, (3, T), generator=g)
+    with torch.no_grad():
+        ops.set_backend("naive")
+        ref, ref_state = model(toks)
+        ops.set_backend(None)
+        par, par_state = model(toks)
+        st = None
+        outs = []
+        for t in range(T):
+            o, st = model(toks[:, t:t + 1], st)
+            outs.append(o)
+        step = torch.cat(outs, 1)
+    assert max_rel(par, ref) <= TOL
+    assert max_rel(step, ref) <= TOL
+    _assert_state_close(model.spec, par_state, ref_state)
+    _assert_state_close(model.spec, st, ref_state)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_any_split_gives_same_logits_and_state(tiny_models, version):
+    model = build_model(tiny_models[version])
+    toks = torch.randint(0, 97, (2, 90), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole, s_whole = model(toks)
+        pieces, st = [], None
+        for a, b in ((0, 5), (5, 6), (6, 47), (47, 90)):
+            o, st = model(toks[:, a:b], st)
+            pieces.append(o)
+    assert max_rel(torch.cat(pieces, 1), whole) <= TOL
+    _assert_state_close(model.spec, st, s_whole)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_batch_rows_are_independent(tiny_models, version):
+    model = build_model(tiny_models[version])
+    toks = torch.randint(0, 97, (3, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        batched, _ = model(toks)
+        single, _ = model(toks[1:2])
+    assert max_rel(batched[1:2], single) <= TOL
+
+
+@pytest.mark.parametrize("version", ("5.2", "7"))
+def test_parallel_form_is_differentiable(tiny_models, version):
+    model = build_model(tiny_models[version])
+    params = [p for n, p in model.named_parameters() if n.endswith("ffn.key.weight")]
+    for p in params:
+        p.requires_grad_(True)
+    toks = torch.randint(0, 97, (1, 50), generator=torch.Generator().manual_seed(3))
+    logits, _ = model(toks)
+    torch.nn.functional.cross_entropy(logits[0, :-1], toks[0, 1:]).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_zero_state_equals_fresh_state(tiny_models):
+    model = build_model(tiny_models["4"])
+    toks = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        a, _ = model(toks)
+        b, _ = model(toks, model.init_state(1))
+    assert torch.equal(a, b)
+    assert all(float(v.abs().max()) == 0 for v in model.init_state(2).values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("version", ("4", "5.2", "6", "7"))
+def test_half_precision_tracks_fp32(tiny_models, version, dtype):
+    """bf16/fp16 models (fp16 with the per-layer rescale for v4-v6) stay close to fp32."""
+    ck = tiny_models[version]
+    toks = torch.randint(0, 97, (1, 64), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref, _ = build_model(ck)(toks)
+        low, _ = build_model(ck, dtype=dtype)(toks)
+    assert torch.isfinite(low).all()
+    tol = 0.15 if dtype == torch.bfloat16 else 0.03
+    assert max_rel(low, ref) <= tol

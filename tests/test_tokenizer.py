@@ -1,0 +1,40 @@
+import os
+
+import pytest
+
+from rwkvtools.errors import RwkvToolsError
+from rwkvtools.tokenizer import Tokenizer, pick
+
+
+def test_auto_pick():
+    assert pick("auto", 256) == "bytes"
+    assert pick("auto", 65536) == "world"
+    assert pick("auto", 50277) == "neox"
+    with pytest.raises(RwkvToolsError):
+        pick("auto", 1000)
+
+
+def test_bytes_and_utf16():
+    assert Tokenizer("bytes", 256).encode("hé") == [104, 195, 169]
+    assert Tokenizer("bytes", 256, encoding="utf-16le").encode("hi") == [104, 0, 105, 0]
+
+
+def test_world_matches_chatrwkv_trie_tokenizer():
+    """pyrwkv-tokenizer against ChatRWKV's own World tokenizer (test-only dependency)."""
+    rwkv = pytest.importorskip("rwkv.rwkv_tokenizer")
+    vocab = os.path.join(os.path.dirname(rwkv.__file__), "rwkv_vocab_v20230424.txt")
+    ref = rwkv.TRIE_TOKENIZER(vocab)
+    ours = Tokenizer("world", 65536)
+    for text in ["Hello world!", "  spaces\n\nand newlines\t", "中文和 emoji 🙂 mixed", "x" * 300,
+                 "The quick brown fox = jumps @-@ over <unk> 12345."]:
+        assert ours.encode(text) == ref.encode(text)
+
+
+def test_neox_from_file(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+    tok = tokenizers.Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    p = tmp_path / "tok.json"
+    tok.save(str(p))
+    assert Tokenizer("neox", 50277, tokenizer_file=str(p)).encode("ab a b") == [2, 0, 1]
