@@ -47,8 +47,8 @@ class TimeMix(nn.Module):
         H, N = self.H, self.N
         prev = token_shift(xx, st["att_x"])
         d = prev - xx
-        xr, xw, xk = xx + d * self.x_r, xx + d * self.x_w, xx + d * self.x_k
-        xv, xa, xg = xx + d * self.x_v, xx + d * self.x_a, xx + d * self.x_g
+        xr, xw, xk = torch.addcmul(xx, d, self.x_r), torch.addcmul(xx, d, self.x_w), torch.addcmul(xx, d, self.x_k)
+        xv, xa, xg = torch.addcmul(xx, d, self.x_v), torch.addcmul(xx, d, self.x_a), torch.addcmul(xx, d, self.x_g)
         r = self.receptance(xr).float()
         k = self.key(xk).float()
         v = self.value(xv).float()
@@ -79,5 +79,5 @@ class ChannelMix(nn.Module):
 
     def forward(self, xx, prev_state):
         prev = token_shift(xx, prev_state)
-        k = torch.relu(self.key(xx + (prev - xx) * self.x_k)) ** 2
+        k = torch.relu(self.key(torch.addcmul(xx, prev - xx, self.x_k))).square_()
         return self.value(k), xx[:, -1]

@@ -26,19 +26,22 @@ def _pick_chunk(max_abs_g: float, chunks=CHUNKS) -> tuple[int, bool]:
     return chunks[-1], False
 
 
-def _to_chunks(x, L):
-    """(B, T, H, N) -> (B, H, nc, L, N), zero-padded."""
-    B, T, H, N = x.shape
+def _pack(xs, L):
+    """Several (B, T, H, N) tensors -> one (B*H*nc, L, n*N) tensor (one copy), zero-padded to a
+    whole number of chunks, and the views of each input in it."""
+    B, T, H, N = xs[0].shape
     nc = (T + L - 1) // L
+    x = torch.cat(xs, -1) if len(xs) > 1 else xs[0]
     pad = nc * L - T
     if pad:
         x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
-    return x.reshape(B, nc, L, H, N).permute(0, 3, 1, 2, 4)
+    x = x.view(B, nc, L, H, -1).permute(0, 3, 1, 2, 4).reshape(B * H * nc, L, -1)
+    return x.split(N, -1), nc
 
 
-def _from_chunks(y, T):
-    B, H, nc, L, N = y.shape
-    return y.permute(0, 2, 3, 1, 4).reshape(B, nc * L, H, N)[:, :T]
+def _unpack(y, B, H, nc, T):
+    Z, L, N = y.shape
+    return y.view(B, H, nc, L, N).permute(0, 2, 3, 1, 4).reshape(B, nc * L, H, N)[:, :T]
 
 
 def _suffix_excl(g):
@@ -52,16 +55,17 @@ def _prefix_excl(G):
 
 
 def _scan(M, C, X0, diag: bool):
-    """X_{c+1} = M_c X_c + C_c over chunks; returns the state entering each chunk and the last."""
+    """X_{c+1} = M_c X_c + C_c over chunks c (dim 1); returns the state entering each chunk
+    (as (BH*nc, K, V)) and the final state."""
     xs = []
     X = X0
-    for c in range(C.shape[2]):
+    for c in range(C.shape[1]):
         xs.append(X)
         if diag:
-            X = M[:, :, c].unsqueeze(-1) * X + C[:, :, c]
+            X = torch.addcmul(C[:, c], M[:, c].unsqueeze(-1), X)
         else:
-            X = M[:, :, c] @ X + C[:, :, c]
-    return torch.stack(xs, 2), X
+            X = torch.baddbmm(C[:, c], M[:, c], X)
+    return torch.stack(xs, 1).reshape(-1, *X0.shape[-2:]), X
 
 
 # ------------------------------------------------------------------------------------- v5 / v6
@@ -78,29 +82,28 @@ def wkv_diag_chunked(r, k, v, g, u, S, chunk: int | None = None, pairwise: bool 
     if pairwise is None:
         pairwise = not safe
     L = chunk
-    rc, kc, vc, gc = (_to_chunks(x, L) for x in (r, k, v, g))       # (B,H,nc,L,N)
-    G = torch.cumsum(gc, -2)                                           # inclusive prefix
-    Gex = _prefix_excl(G)                                              # G_{t-1}
-    Gsuf = _suffix_excl(gc)                                            # G_last - G_i
-    Glast = G[..., -1, :]                                              # (B,H,nc,N)
-    tri = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)  # i < t
+    (rc, kc, vc, gc), nc = _pack([r, k, v, g], L)                   # (Z, L, N), Z = B*H*nc
+    G = torch.cumsum(gc, 1)                                           # inclusive prefix
+    Gex = _prefix_excl(G)                                             # G_{t-1}
+    Gsuf = _suffix_excl(gc)                                           # G_last - G_i
+    Glast = G[:, -1]                                                  # (Z, N)
+    tri = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)   # i < t
+    Rd = rc * torch.exp(Gex)
     if pairwise:
         # E[t, i] = sum_{s=i+1}^{t-1} g_s, built as a masked suffix sum along each row
-        gm = gc.unsqueeze(-3).expand(*gc.shape[:3], L, L, N)           # [t, s] = g_s
-        gm = gm.masked_fill(~tri.unsqueeze(-1), 0.0)                    # keep s < t
-        E = _suffix_excl(gm.reshape(-1, L, N)).reshape(gm.shape)        # sum_{s > i, s < t}
-        E = E.masked_fill(~tri.unsqueeze(-1), float("-inf"))
-        A = (rc.unsqueeze(-2) * kc.unsqueeze(-3) * torch.exp(E)).sum(-1)
+        gm = gc.unsqueeze(1).expand(-1, L, L, N).masked_fill(~tri.unsqueeze(-1), 0.0)
+        E = _suffix_excl(gm).masked_fill(~tri.unsqueeze(-1), float("-inf"))
+        A = (rc.unsqueeze(2) * kc.unsqueeze(1) * torch.exp(E)).sum(-1)
     else:
-        A = (rc * torch.exp(Gex)) @ (kc * torch.exp(-G)).transpose(-1, -2)
-        A = A.masked_fill(~tri, 0.0)
-    diag = ((rc * u[:, None, None, :] * kc).sum(-1, keepdim=True)) * vc     # bonus term
-    y_loc = A @ vc + diag
-    Rd = rc * torch.exp(Gex)                                           # for the carried state
-    Cst = (kc * torch.exp(Gsuf)).transpose(-1, -2) @ vc                # (B,H,nc,K,V)
-    Xs, S_out = _scan(torch.exp(Glast), Cst, S, diag=True)
-    y = y_loc + Rd @ Xs
-    return _from_chunks(y, T), S_out
+        A = torch.bmm(Rd, (kc * torch.exp(-G)).transpose(1, 2)).masked_fill_(~tri, 0.0)
+    uu = u.reshape(1, H, 1, 1, N).expand(B, H, nc, 1, N).reshape(-1, 1, N)
+    y_loc = torch.baddbmm((rc * uu * kc).sum(-1, keepdim=True) * vc, A, vc)   # + bonus
+    Cst = torch.bmm((kc * torch.exp(Gsuf)).transpose(1, 2), vc)               # (Z, K, V)
+    BH = B * H
+    Xs, S_out = _scan(torch.exp(Glast).view(BH, nc, N), Cst.view(BH, nc, N, N),
+                      S.reshape(BH, N, N), diag=True)
+    y = torch.baddbmm(y_loc, Rd, Xs)
+    return _unpack(y, B, H, nc, T), S_out.view(B, H, N, N)
 
 
 # ------------------------------------------------------------------------------------------ v7
@@ -110,7 +113,7 @@ def wkv7_chunked(r, g, k, v, a, b, S, chunk: int | None = None):
     B, T, H, N = r.shape
     max_g = float(g.detach().abs().max()) if g.numel() else 0.0
     if chunk is None:
-        chunk, safe = _pick_chunk(max_g, (32, 16))
+        chunk, safe = _pick_chunk(max_g, (64, 32, 16))
         if not safe:
             # decays outside the v7 bound: shortest chunks that are still safe, else naive steps
             L = 1
@@ -121,37 +124,38 @@ def wkv7_chunked(r, g, k, v, a, b, S, chunk: int | None = None):
                 return wkv7_naive(r, g, k, v, a, b, S)
             chunk = L
     L = chunk
-    rc, gc, kc, vc, ac, bc = (_to_chunks(x, L) for x in (r, g, k, v, a, b))
-    G = torch.cumsum(gc, -2)
+    (rc, gc, kc, vc, ac, bc), nc = _pack([r, g, k, v, a, b], L)     # (Z, L, N)
+    G = torch.cumsum(gc, 1)
     Gex = _prefix_excl(G)
     Gsuf = _suffix_excl(gc)
-    Glast = G[..., -1, :]
-    eye = torch.eye(L, dtype=r.dtype, device=r.device)
+    Glast = G[:, -1]
     strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
-    incl = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(0)
+    incl2 = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(0).repeat(1, 2)
     eGneg = torch.exp(-G)
-    Q = ac * torch.exp(Gex)                        # alpha_j e^{G_{j-1}}
-    Kd = kc * eGneg                                # k_m e^{-G_m}
-    Bd = bc * eGneg
-    A_ak = (Q @ Kd.transpose(-1, -2)).masked_fill(~strict, 0.0)
-    A_ab = (Q @ Bd.transpose(-1, -2)).masked_fill(~strict, 0.0)
-    Tm = eye - A_ab                                 # unit lower triangular
-    rhs = torch.cat([A_ak @ vc, Q], -1)
-    sol = torch.linalg.solve_triangular(Tm, rhs, upper=False, unitriangular=True)
-    U, W = sol[..., :N], sol[..., N:]               # v~ = U + W X0
-    Rd = rc * torch.exp(G)                          # r_t e^{G_t}
-    A_rk = (Rd @ Kd.transpose(-1, -2)).masked_fill(~incl, 0.0)
-    A_rb = (Rd @ Bd.transpose(-1, -2)).masked_fill(~incl, 0.0)
-    y_loc = A_rk @ vc + A_rb @ U
-    P = Rd + A_rb @ W                               # y = y_loc + P X0
+    Q = ac * torch.exp(Gex)                                   # alpha_j e^{G_{j-1}}
+    KB = torch.cat([kc * eGneg, bc * eGneg], 1)               # [k_m e^{-G_m}; b_m e^{-G_m}] (Z,2L,N)
+    QKB = torch.bmm(Q, KB.transpose(1, 2)).masked_fill_(~strict.repeat(1, 2), 0.0)
+    A_ak, A_ab = QKB[:, :, :L], QKB[:, :, L:]
+    Rd = rc * torch.exp(G)                                    # r_t e^{G_t}
+    RKB = torch.bmm(Rd, KB.transpose(1, 2)).masked_fill_(~incl2, 0.0)   # [A_rk | A_rb]
+    eye = torch.eye(L, dtype=r.dtype, device=r.device)
+    rhs = torch.cat([torch.bmm(A_ak, vc), Q], -1)
+    sol = torch.linalg.solve_triangular(eye - A_ab, rhs, upper=False, unitriangular=True)
+    U, W = sol[..., :N], sol[..., N:]                         # v~ = U + W X0
+    VU = torch.cat([vc, U], 1)                                # (Z, 2L, N)
+    y_loc = torch.bmm(RKB, VU)                                # A_rk V + A_rb U
+    P = torch.baddbmm(Rd, RKB[:, :, L:], W)                   # y = y_loc + P X0
     esuf = torch.exp(Gsuf)
-    Kl = kc * esuf
     Bl = bc * esuf
-    M = torch.diag_embed(torch.exp(Glast)) + Bl.transpose(-1, -2) @ W     # (B,H,nc,K,K)
-    Cst = Kl.transpose(-1, -2) @ vc + Bl.transpose(-1, -2) @ U            # (B,H,nc,K,V)
-    Xs, X_out = _scan(M, Cst, S.transpose(-1, -2), diag=False)
-    y = y_loc + P @ Xs
-    return _from_chunks(y, T), X_out.transpose(-1, -2)
+    KBl = torch.cat([kc * esuf, Bl], 1)
+    Cst = torch.bmm(KBl.transpose(1, 2), VU)                  # Kl^T V + Bl^T U  (Z,K,V)
+    M = torch.bmm(Bl.transpose(1, 2), W)
+    M.diagonal(dim1=-2, dim2=-1).add_(torch.exp(Glast))       # diag(e^{G_last}) + Bl^T W
+    BH = B * H
+    Xs, X_out = _scan(M.view(BH, nc, N, N), Cst.view(BH, nc, N, N),
+                      S.reshape(BH, N, N).transpose(1, 2), diag=False)
+    y = torch.baddbmm(y_loc, P, Xs)
+    return _unpack(y, B, H, nc, T), X_out.transpose(1, 2).reshape(B, H, N, N)
 
 
 # ------------------------------------------------------------------------------------------ v4
