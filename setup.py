@@ -6,10 +6,10 @@ setup(
     description="Convert, compress and validate RWKV language models (v4, v5, v6, v7)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["rwkvtools", "rwkvtools.*"]),
+    packages=find_packages(include=["rwkvtools", "rwkvtools.*"]) + ["rwkvtools.kernels"],
     # the CUDA sources live in kernels/ at the top of the repository and ship inside the package
     package_dir={"rwkvtools": "rwkvtools", "rwkvtools.kernels": "kernels"},
-    package_data={"rwkvtools.kernels": ["*.cu", "*.cpp", "*.h", "*.cuh"]},
+    package_data={"rwkvtools.kernels": ["*.cu", "*.cpp", "*.h", "*.cuh"], "rwkvtools": ["data/*.txt"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",

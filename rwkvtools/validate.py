@@ -127,3 +127,49 @@ def raise_on_failed(report: dict) -> None:
     if failed:
         table = "\n".join(f"  FAIL  {v['detail']}" for v in failed)
         raise GateError(f"{len(failed)} gate(s) failed:\n{table}")
+
+
+# --------------------------------------------------------------------------- transform reports
+def packaged_text(kind: str) -> str:
+    """Path of the texts shipped with rwkvtools (Tiny Shakespeare, public domain): 'heldout' for
+    evaluation, 'calib' for calibration; disjoint slices of the same book."""
+    import os
+    return os.path.join(os.path.dirname(__file__), "data", f"{kind}.txt")
+
+
+def text_tokens(path: str | None, vocab: int, kind: str = "heldout", tokenizer: str = "auto",
+                max_tokens: int | None = None, encoding: str = "utf-8", tokenizer_file: str | None = None) -> list[int]:
+    """Tokens of a text file (the packaged held-out/calibration text when ``path`` is None)."""
+    from .tokenizer import Tokenizer, read_text
+    tok = Tokenizer(tokenizer, vocab, tokenizer_file, encoding)
+    ids = tok.encode(read_text(path or packaged_text(kind)))
+    return ids[:max_tokens] if max_tokens else ids
+
+
+def checkpoint_bytes(ckpt) -> int:
+    n = 0
+    for k in ckpt.tensors:
+        t = ckpt.tensors[k]
+        n += t.numel() * t.element_size()
+    return n
+
+
+def validate_transform(before, after, tokens, max_ppl_increase: float | None = None,
+                       chunk_len: int = DEFAULT_CHUNK, drift_tokens: int = 256, device="cpu") -> dict:
+    """Perplexity before and after a transform on the same tokens, logits drift, sizes, and the
+    max-perplexity-increase gate (percent). Returns the report (``passed`` set); never raises on
+    a failed gate (the caller writes the report first, then calls raise_on_failed)."""
+    from .model import build_model
+    m0 = build_model(before, device=device)
+    m1 = build_model(after, device=device)
+    p0 = perplexity(m0, tokens, chunk_len=chunk_len, progress=False)
+    p1 = perplexity(m1, tokens, chunk_len=chunk_len, progress=False)
+    rep = {"ppl_before": p0.ppl, "ppl_after": p1.ppl,
+           "ppl_increase_pct": 100.0 * (p1.ppl / p0.ppl - 1.0),
+           "eval_tokens": len(tokens), "backend": p1.backend,
+           "logits_drift": logits_drift(m0, m1, tokens, drift_tokens),
+           "params_before": before.num_params(), "params_after": after.num_params(),
+           "bytes_before": checkpoint_bytes(before), "bytes_after": checkpoint_bytes(after)}
+    gates = [] if max_ppl_increase is None else [Gate("ppl_increase_pct", max=max_ppl_increase)]
+    apply_gates(rep, gates)
+    return rep

@@ -6,7 +6,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import RwkvToolsError
 from ..spec import ModelSpec, detect
-from . import v4, v5, v6, v7
+from . import quantized, shared, v4, v5, v6, v7  # noqa: F401  (quantized/shared register linear kinds)
 from .common import RWKV
 from .linear import BuildContext
 

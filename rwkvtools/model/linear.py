@@ -77,6 +77,19 @@ class BuildContext:
 
 
 def make_linear(ctx: BuildContext, prefix: str, optional: bool = False) -> nn.Module | None:
+    """Build the linear stored under ``prefix``; the module remembers its checkpoint prefix in
+    ``module.prefix`` (calibration hooks and transforms address linears by it)."""
+    mod = _build_linear(ctx, prefix)
+    if mod is None:
+        if optional:
+            return None
+        raise SpecError(f"linear '{prefix}': expected '{prefix}.weight' (dense) or '{prefix}.weight_u' + "
+                        f"'{prefix}.weight_v' (low-rank), found neither")
+    mod.prefix = prefix
+    return mod
+
+
+def _build_linear(ctx: BuildContext, prefix: str) -> nn.Module | None:
     t = ctx.tensors
     for pred, build in _BUILDERS:
         if pred(t, prefix):
@@ -85,7 +98,5 @@ def make_linear(ctx: BuildContext, prefix: str, optional: bool = False) -> nn.Mo
         return DenseLinear(ctx.get(f"{prefix}.weight"))
     if f"{prefix}.weight_u" in t and f"{prefix}.weight_v" in t:
         return LowRankLinear(ctx.get(f"{prefix}.weight_u"), ctx.get(f"{prefix}.weight_v"))
-    if optional:
-        return None
-    raise SpecError(f"linear '{prefix}': expected '{prefix}.weight' (dense) or '{prefix}.weight_u' + "
-                    f"'{prefix}.weight_v' (low-rank), found neither")
+    return None
+

@@ -1,0 +1,91 @@
+"""Options and helpers shared by the transform commands (lowrank, quantize, recursive, ...):
+held-out evaluation, the perplexity gate, the JSON report, safe output paths."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import click
+
+from ..cli import UserError
+
+
+def output_guard(src: str, dst: str, force: bool) -> None:
+    """Refuse DST == SRC (never overwrite an input) and an existing DST without --force."""
+    if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
+        raise UserError(f"{dst} is the input file; write to another path")
+    if os.path.exists(dst) and not force:
+        raise UserError(f"{dst} exists; pass --force to overwrite it")
+
+
+def validation_options(fn):
+    """--eval-text / --eval-tokens / --max-ppl-increase / --no-validate / --report / --json / --force"""
+    opts = [
+        click.option("--eval-text", type=click.Path(), default=None,
+                     help="Held-out text for perplexity before/after (default: the packaged held-out text)."),
+        click.option("--eval-tokens", type=int, default=4096, show_default=True, help="Tokens of it to score."),
+        click.option("--tokenizer", type=click.Choice(["auto", "bytes", "world", "neox"]), default="auto",
+                     show_default=True),
+        click.option("--encoding", default="utf-8", show_default=True, help="Byte encoding for the bytes tokenizer."),
+        click.option("--max-ppl-increase", type=float, default=None,
+                     help="Gate: fail (exit 1) when perplexity rises by more than this many percent."),
+        click.option("--no-validate", is_flag=True, help="Skip the perplexity check."),
+        click.option("--report", type=click.Path(), default=None, help="Also write the JSON report to this file."),
+        click.option("--json", "as_json", is_flag=True, help="Print the JSON report."),
+        click.option("--force", is_flag=True, help="Overwrite DST if it exists."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def write_report(report: dict, path: str | None) -> None:
+    if path:
+        from ..io.atomic import atomic_path
+        with atomic_path(path) as tmp:
+            with open(tmp, "w") as f:
+                json.dump(report, f, indent=2, default=str)
+
+
+def print_summary(title: str, report: dict, as_json: bool, lines: list[str] | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    click.echo(title)
+    for line in lines or []:
+        click.echo(f"  {line}")
+    v = report.get("validation")
+    if v:
+        click.echo(f"  ppl {v['ppl_before']:.4f} -> {v['ppl_after']:.4f} ({v['ppl_increase_pct']:+.2f}%) on "
+                   f"{v['eval_tokens']} held-out tokens; max |logit drift| {v['logits_drift']['max_abs']:.4g}")
+        for g in v.get("gates", []):
+            click.echo(f"  gate {'PASS' if g['passed'] else 'FAIL'}: {g['detail']}")
+
+
+def run_validation(before, after, opts: dict) -> dict | None:
+    """The standard post-transform check from the validation options; None with --no-validate."""
+    if opts.get("no_validate"):
+        return None
+    from ..spec import detect
+    from ..validate import text_tokens, validate_transform
+    spec = detect(before.tensors)
+    toks = text_tokens(opts.get("eval_text"), spec.vocab, "heldout", opts.get("tokenizer", "auto"),
+                       opts.get("eval_tokens"), opts.get("encoding", "utf-8"))
+    return validate_transform(before, after, toks, opts.get("max_ppl_increase"))
+
+
+def finish(report: dict, opts: dict) -> None:
+    """Write the report, then fail with exit 1 if a gate failed (report already written)."""
+    write_report(report, opts.get("report"))
+    v = report.get("validation")
+    if v and not v.get("passed", True):
+        from ..validate import raise_on_failed
+        raise_on_failed(v)
+
+
+def pass_opts(fn):
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        return fn(kwargs)
+    return wrapper
