@@ -79,5 +79,5 @@ class ChannelMix(nn.Module):
 
     def forward(self, xx, prev_state):
         prev = token_shift(xx, prev_state)
-        k = torch.relu(self.key(torch.addcmul(xx, prev - xx, self.x_k))).square_()
+        k = torch.relu(self.key(torch.addcmul(xx, prev - xx, self.x_k))).square()
         return self.value(k), xx[:, -1]

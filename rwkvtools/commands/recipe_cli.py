@@ -1,0 +1,79 @@
+"""`rwkvtools recipe run|check`: compression pipelines from YAML."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ..cli import GateFailed, handle_errors, main
+
+
+@main.group()
+def recipe():
+    """Run or check a compression recipe (recipes/*.yaml).
+
+    \b
+    Examples:
+      rwkvtools recipe check recipes/int8.yaml
+      rwkvtools recipe run recipes/lowrank-0.32-heal.yaml --out out/lowrank
+      rwkvtools recipe run recipes/sweep-lowrank.yaml --model my.pth --out out/sweep --json
+    """
+
+
+@recipe.command()
+@click.argument("recipe_file", type=click.Path())
+def check(recipe_file):
+    """Validate a recipe against the schema before anything runs.
+
+    \b
+    Example:
+      rwkvtools recipe check recipes/int8.yaml
+    """
+    handle_errors(_check)(recipe_file)
+
+
+def _check(recipe_file):
+    from ..recipes import load_recipe
+    r = load_recipe(recipe_file)
+    click.echo(f"{recipe_file}: ok ({len(r.steps)} steps: {', '.join(s.kind for s in r.steps)})")
+
+
+@recipe.command()
+@click.argument("recipe_file", type=click.Path())
+@click.option("--model", default=None, type=click.Path(), help="Source model (overrides the recipe's 'model').")
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="Folder for artifacts and reports.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json.")
+@click.option("--summary", type=click.Path(), default=None,
+              help="Append the markdown table to this file (e.g. $GITHUB_STEP_SUMMARY).")
+def run(recipe_file, model, out_dir, as_json, summary):
+    """Run every step of a recipe, write report.json, report.md and plot.png into --out.
+
+    Stages whose output exists for the same inputs and options are skipped (resume). Exits 1
+    when a gate fails, after writing the reports.
+
+    \b
+    Example:
+      rwkvtools recipe run recipes/int8.yaml --out out/int8
+    """
+    handle_errors(_run)(recipe_file, model, out_dir, as_json, summary)
+
+
+def _run(recipe_file, model, out_dir, as_json, summary):
+    from ..recipes import load_recipe, markdown_table, run as run_recipe
+    r = load_recipe(recipe_file)
+    log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
+    report = run_recipe(r, out_dir, model=model, log=log)
+    table = markdown_table(report)
+    if summary:
+        with open(summary, "a", encoding="utf-8") as f:
+            f.write(table + "\n")
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    else:
+        click.echo("")
+        click.echo(table)
+        click.echo(f"reports: {out_dir}/report.json, report.md, plot.png")
+    if not report["passed"]:
+        raise GateFailed(f"recipe {r.name}: a gate failed (see {out_dir}/report.md)")
+    sys.stdout.flush()

@@ -1,0 +1,521 @@
+"""Recipes: compression pipelines written as YAML, run through the very same commands as the CLI.
+
+A recipe names a source model, an evaluation text, an ordered list of steps (each a CLI command
+with the same option names) and gates. ``run`` executes every step by invoking the Click command
+itself (no second code path), measures every stage on the same held-out text with the same
+function as ``rwkvtools eval``, checks the gates, and writes ``report.json``, ``report.md`` and
+``plot.png``. Stages whose output exists for the same inputs and options are not recomputed.
+
+Schema (see recipes/*.yaml)::
+
+    name: lowrank-0.32-heal
+    description: free text
+    model: ${RWKVTOOLS_SHARED:-../shared}/fixtures/tiny-rwkv-5v2-730K-FP32.bin   # --model overrides
+    eval: {text: PATH, tokens: 4096, tokenizer: auto, encoding: utf-8}
+    gates: {max_ppl_increase: 5.0, min_size_reduction: 0.3}            # final stage vs source
+    steps:
+      - lowrank: {rank: 0.32, method: whiten}
+        gates: {max_ppl_increase: 10}                                  # this stage vs its input
+      - quantize: {scheme: int8}
+        sweep: {group-size: [32, 64]}                                  # optional: one option, a list
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import yaml
+
+from .errors import RwkvToolsError
+
+# step kind -> (CLI command, output extension or None, metrics it provides beyond ppl/size)
+STEP_KINDS = {
+    "convert": ("convert", None, ()),
+    "lowrank": ("lowrank", ".safetensors", ("logit_drift",)),
+    "recursive": ("recursive", ".safetensors", ("logit_drift",)),
+    "heal": ("heal", ".safetensors", ("logit_drift",)),
+    "quantize": ("quantize", None, ("logit_drift",)),
+    "export-onnx": ("export-onnx", ".onnx", ()),
+    "eval": ("eval", None, ()),
+}
+# gate name -> (metric, bound kind)
+GATES = {"max_ppl_increase": ("ppl_increase_pct", "max"),
+         "max_logit_drift": ("logit_drift", "max"),
+         "min_size_reduction": ("size_reduction", "min")}
+TOP_KEYS = {"name", "description", "model", "eval", "gates", "steps"}
+EVAL_KEYS = {"text": str, "tokens": int, "tokenizer": str, "encoding": str}
+STEP_KEYS = {"gates", "sweep"}
+RESERVED = {"json", "report", "force", "help", "as_json"}
+
+
+class RecipeError(RwkvToolsError):
+    pass
+
+
+@dataclass
+class Step:
+    index: int
+    kind: str
+    options: dict
+    gates: dict = field(default_factory=dict)
+    sweep: tuple[str, list] | None = None
+
+
+@dataclass
+class Recipe:
+    path: str
+    name: str
+    description: str
+    model: str | None
+    eval: dict
+    gates: dict
+    steps: list[Step]
+    raw: dict
+
+
+# ------------------------------------------------------------------------------------ parsing
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand(value: str, base_dir: str) -> str:
+    """${VAR} / ${VAR:-default} from the environment; relative paths are relative to the recipe."""
+    def sub(m):
+        return os.environ.get(m.group(1), m.group(2) if m.group(2) is not None else "")
+    out = _VAR.sub(sub, value)
+    if out and not os.path.isabs(out) and (os.sep in out or out.startswith(".")):
+        cand = os.path.normpath(os.path.join(base_dir, out))
+        if os.path.exists(cand) or not os.path.exists(out):
+            return cand
+    return out
+
+
+def _command(kind: str):
+    from .cli import main
+    name = STEP_KINDS[kind][0]
+    cmd = main.commands.get(name)
+    if cmd is None:
+        raise RecipeError(f"step '{kind}': the command '{name}' is not available in this installation")
+    return cmd
+
+
+def _param_for(cmd, opt: str):
+    key = opt.replace("-", "_")
+    for p in cmd.params:
+        if p.name == key or any(o.lstrip("-") == opt for o in getattr(p, "opts", [])):
+            return p
+    return None
+
+
+def _option_names(cmd) -> list[str]:
+    import click
+    return sorted(o.lstrip("-") for p in cmd.params if isinstance(p, click.Option) and p.name not in RESERVED
+                  for o in p.opts[:1])
+
+
+def _check_value(where: str, cmd, opt: str, value):
+    import click
+    p = _param_for(cmd, opt)
+    if p is None or not isinstance(p, click.Option) or p.name in RESERVED:
+        raise RecipeError(f"{where}: unknown option '{opt}' for '{cmd.name}'; allowed: {', '.join(_option_names(cmd))}")
+    if p.is_flag:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: option '{opt}' is a flag: use true or false, not {value!r}")
+        return
+    values = value if (p.multiple and isinstance(value, list)) else [value]
+    for v in values:
+        if isinstance(v, (dict, list)):
+            raise RecipeError(f"{where}: option '{opt}' takes a single value, not {type(v).__name__}")
+        try:
+            p.type.convert(v, p, None)
+        except click.BadParameter as e:
+            raise RecipeError(f"{where}: option '{opt}' = {v!r}: {e.format_message()}") from None
+
+
+def _check_gates(where: str, gates, provided: set[str]) -> dict:
+    if gates is None:
+        return {}
+    if not isinstance(gates, dict):
+        raise RecipeError(f"{where}: gates must be a mapping of gate name to number")
+    for g, v in gates.items():
+        if g not in GATES:
+            raise RecipeError(f"{where}: unknown gate '{g}'; known: {', '.join(GATES)}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise RecipeError(f"{where}: gate '{g}' needs a number, got {v!r}")
+        metric = GATES[g][0]
+        if metric not in provided:
+            raise RecipeError(f"{where}: gate '{g}' needs the metric '{metric}', which this step does not measure "
+                              f"(it measures: {', '.join(sorted(provided))})")
+    return dict(gates)
+
+
+def load_recipe(path: str) -> Recipe:
+    """Parse and validate a recipe file; every error names the step, the option and what is allowed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping with keys {', '.join(sorted(TOP_KEYS))}")
+    extra = set(raw) - TOP_KEYS
+    if extra:
+        raise RecipeError(f"{path}: unknown top-level key(s) {', '.join(sorted(extra))}; allowed: {', '.join(sorted(TOP_KEYS))}")
+    base = os.path.dirname(os.path.abspath(path))
+    ev = raw.get("eval") or {}
+    if not isinstance(ev, dict):
+        raise RecipeError(f"{path}: 'eval' must be a mapping with keys {', '.join(EVAL_KEYS)}")
+    for k, v in ev.items():
+        if k not in EVAL_KEYS:
+            raise RecipeError(f"{path}: eval: unknown key '{k}'; allowed: {', '.join(EVAL_KEYS)}")
+        if not isinstance(v, EVAL_KEYS[k]) or isinstance(v, bool):
+            raise RecipeError(f"{path}: eval: '{k}' must be {EVAL_KEYS[k].__name__}, got {v!r}")
+    ev = dict(ev)
+    if "text" in ev:
+        ev["text"] = expand(ev["text"], base)
+    steps_raw = raw.get("steps")
+    if not isinstance(steps_raw, list) or not steps_raw:
+        raise RecipeError(f"{path}: 'steps' must be a non-empty list")
+    steps = []
+    for i, s in enumerate(steps_raw, 1):
+        where = f"{path}: step {i}"
+        if not isinstance(s, dict):
+            raise RecipeError(f"{where}: a step is a mapping like '- lowrank: {{rank: 0.32}}'")
+        kinds = [k for k in s if k not in STEP_KEYS]
+        if len(kinds) != 1:
+            raise RecipeError(f"{where}: exactly one step kind expected (one of {', '.join(STEP_KINDS)}), found {kinds or 'none'}")
+        kind = kinds[0]
+        if kind not in STEP_KINDS:
+            raise RecipeError(f"{where}: unknown step '{kind}'; known: {', '.join(STEP_KINDS)}")
+        where = f"{path}: step {i} ({kind})"
+        opts = s[kind] or {}
+        if not isinstance(opts, dict):
+            raise RecipeError(f"{where}: options must be a mapping of option name to value")
+        cmd = _command(kind)
+        for k, v in opts.items():
+            _check_value(where, cmd, k, v)
+        sweep = None
+        if s.get("sweep") is not None:
+            sw = s["sweep"]
+            if not isinstance(sw, dict) or len(sw) != 1:
+                raise RecipeError(f"{where}: sweep must name one option with a list of values, e.g. sweep: {{rank: [0.9, 0.5]}}")
+            (sk, sv), = sw.items()
+            if not isinstance(sv, list) or not sv:
+                raise RecipeError(f"{where}: sweep '{sk}' needs a non-empty list of values")
+            for v in sv:
+                _check_value(where + " sweep", cmd, sk, v)
+            sweep = (sk, sv)
+        provided = {"ppl_increase_pct", "size_reduction", *STEP_KINDS[kind][2]}
+        gates = _check_gates(where, s.get("gates"), provided)
+        steps.append(Step(i, kind, dict(opts), gates, sweep))
+    overall = _check_gates(f"{path}: gates", raw.get("gates"), {"ppl_increase_pct", "size_reduction"})
+    model = raw.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RecipeError(f"{path}: 'model' must be a path")
+    return Recipe(path, str(raw.get("name") or os.path.splitext(os.path.basename(path))[0]),
+                  str(raw.get("description") or ""), expand(model, base) if model else None, ev, overall, steps, raw)
+
+
+# ------------------------------------------------------------------------------------ running
+def _args_for(cmd, options: dict) -> list[str]:
+    args = []
+    for k, v in options.items():
+        p = _param_for(cmd, k)
+        flag = p.opts[0]
+        if p.is_flag:
+            if v:
+                args.append(flag)
+            elif p.secondary_opts:
+                args.append(p.secondary_opts[0])
+            continue
+        for item in (v if (p.multiple and isinstance(v, list)) else [v]):
+            args += [flag, str(item)]
+    return args
+
+
+def _has(cmd, name: str) -> bool:
+    return _param_for(cmd, name) is not None
+
+
+def _invoke(args: list[str]) -> tuple[int, str, str]:
+    """Run the rwkvtools command with these arguments in this process; (exit code, stdout, stderr)."""
+    import click
+
+    from .cli import main
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main.main(args=args, prog_name="rwkvtools", standalone_mode=False)
+        except click.ClickException as e:
+            e.show()
+            code = e.exit_code
+        except click.exceptions.Exit as e:
+            code = e.exit_code
+        except click.Abort:
+            code = 130
+    return code, out.getvalue(), err.getvalue()
+
+
+def _file_key(path: str) -> str:
+    h = hashlib.sha256()
+    paths = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.relpath(p, path) if p != path else ''}:{st.st_size}:{int(st.st_mtime_ns)}".encode())
+    return h.hexdigest()
+
+
+def _size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path)
+
+
+def _params(path: str) -> int | None:
+    if path.endswith(".onnx"):
+        return None
+    from .io import read_checkpoint
+    return read_checkpoint(path).num_params()
+
+
+def _out_ext(kind: str, options: dict, src: str) -> str:
+    ext = STEP_KINDS[kind][1]
+    if ext:
+        return ext
+    if kind == "convert":
+        fmt = options.get("format")
+        return {"pth": ".pth", "safetensors": ".safetensors", "rwkvcpp": ".bin", "gguf": ".gguf", "hf": ""}.get(
+            fmt, ".safetensors")
+    if kind == "quantize":
+        scheme = str(options.get("scheme", "int8"))
+        if options.get("format") == "gguf" or scheme.endswith("_K"):
+            return ".gguf"
+        return ".bin" if scheme.upper().startswith("Q") else ".safetensors"
+    return ".safetensors"
+
+
+def _evaluate(path: str, ev: dict) -> dict:
+    """Perplexity of a stage with the function behind `rwkvtools eval`."""
+    from .evaluate import evaluate_file
+    from .validate import packaged_text
+    return evaluate_file(path, ev.get("text") or packaged_text("heldout"), tokenizer=ev.get("tokenizer", "auto"),
+                         encoding=ev.get("encoding", "utf-8"), max_tokens=ev.get("tokens", 4096), progress=False)
+
+
+def _gate(name: str, bound: float, metrics: dict) -> dict:
+    metric, kind = GATES[name]
+    v = metrics.get(metric)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return {"gate": name, "metric": metric, "bound": bound, "value": None, "passed": False,
+                "detail": f"{metric} was not measured"}
+    ok = v <= bound if kind == "max" else v >= bound
+    op = "<=" if kind == "max" else ">="
+    return {"gate": name, "metric": metric, "bound": bound, "value": v, "passed": ok,
+            "detail": f"{metric} = {v:.4g} ({'ok' if ok else 'FAIL'}: must be {op} {bound:g})"}
+
+
+def run(recipe: Recipe, out_dir: str, model: str | None = None, log=print) -> dict:
+    """Run every step; returns the report (also written to out_dir). Never raises on a failed
+    gate: report['passed'] says it."""
+    src = model or recipe.model
+    if not src:
+        raise RecipeError(f"{recipe.path}: no source model: set 'model' in the recipe or pass --model")
+    if not os.path.exists(src):
+        raise RecipeError(f"source model {src} does not exist")
+    os.makedirs(out_dir, exist_ok=True)
+    ev = recipe.eval
+    stages = []
+    t0 = time.time()
+    base = {"stage": "source", "step": 0, "kind": "source", "options": {}, "path": os.path.abspath(src),
+            "bytes": _size(src), "params": _params(src), "resumed": False}
+    base.update(_measure(src, ev))
+    base["ppl_increase_pct"] = 0.0
+    base["size_reduction"] = 0.0
+    base["bits_per_weight"] = 8.0 * base["bytes"] / base["params"] if base["params"] else None
+    stages.append(base)
+    log(f"source: ppl {base['ppl']:.4f}, {base['bytes']:,} bytes")
+    current = base
+    for step in recipe.steps:
+        values = step.sweep[1] if step.sweep else [None]
+        results = []
+        for v in values:
+            opts = dict(step.options)
+            label = f"{step.index:02d}-{step.kind}"
+            if step.sweep:
+                opts[step.sweep[0]] = v
+                label += f"-{step.sweep[0]}-{v}"
+            res = _run_stage(step, opts, label, current, out_dir, ev, log)
+            results.append(res)
+            stages.append(res)
+        if step.kind != "eval":
+            current = results[-1]  # a sweep continues from its last value
+    final = current
+    overall = {"ppl_increase_pct": 100.0 * (final["ppl"] / base["ppl"] - 1.0),
+               "size_reduction": 1.0 - final["bytes"] / base["bytes"]}
+    overall_gates = [_gate(g, b, overall) for g, b in recipe.gates.items()]
+    passed = all(g["passed"] for s in stages for g in s.get("gates", [])) and all(g["passed"] for g in overall_gates) \
+        and all(s.get("exit_code", 0) in (0, 1) for s in stages)
+    report = {"recipe": recipe.name, "recipe_file": os.path.abspath(recipe.path), "source": os.path.abspath(src),
+              "eval": ev, "stages": stages, "overall": {**overall, "gates": overall_gates}, "passed": passed,
+              "final": final["path"], "seconds": time.time() - t0}
+    _stamp_recipe(final["path"], recipe)
+    write_reports(report, out_dir)
+    return report
+
+
+def _measure(path: str, ev: dict) -> dict:
+    r = _evaluate(path, ev)
+    return {"ppl": r["ppl"], "nll_per_token": r["nll_per_token"], "eval_tokens": r["tokens"]}
+
+
+def _run_stage(step: Step, opts: dict, label: str, current: dict, out_dir: str, ev: dict, log) -> dict:
+    cmd = _command(step.kind)
+    src = current["path"]
+    key = hashlib.sha256(json.dumps({"input": _file_key(src), "kind": step.kind, "options": opts, "eval": ev},
+                                    sort_keys=True, default=str).encode()).hexdigest()
+    meta_path = os.path.join(out_dir, label + ".json")
+    stage = {"stage": label, "step": step.index, "kind": step.kind, "options": opts, "input": src}
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old.get("key") == key and (step.kind == "eval" or os.path.exists(old.get("path", ""))):
+            old["resumed"] = True
+            log(f"{label}: up to date, skipped")
+            return old
+    report_path = os.path.join(out_dir, label + ".report.json")
+    if step.kind == "eval":
+        args = [cmd.name, src, "--json", "--no-progress"]
+        if "text" not in opts and ev.get("text"):
+            args += ["--text", ev["text"]]
+        args += _args_for(cmd, opts)
+        dst = src
+    else:
+        dst = os.path.join(out_dir, label + _out_ext(step.kind, opts, src))
+        args = [cmd.name, src, dst] + _args_for(cmd, opts)
+        if _has(cmd, "force"):
+            args.append("--force")
+        if _has(cmd, "report"):
+            args += ["--report", report_path]
+        if _has(cmd, "eval-text") and "eval-text" not in opts and "eval_text" not in opts and ev.get("text"):
+            args += ["--eval-text", ev["text"]]
+        if _has(cmd, "eval-tokens") and "eval-tokens" not in opts and "eval_tokens" not in opts and ev.get("tokens"):
+            args += ["--eval-tokens", str(ev["tokens"])]
+        if _has(cmd, "encoding") and "encoding" not in opts and ev.get("encoding"):
+            args += ["--encoding", ev["encoding"]]
+        if step.kind == "heal" and "teacher" not in opts:
+            args += ["--teacher", current.get("teacher") or _root_of(current)]
+    log(f"{label}: rwkvtools {' '.join(args)}")
+    code, out, err = _invoke(args)
+    stage["command"] = "rwkvtools " + " ".join(args)
+    stage["exit_code"] = code
+    if code not in (0, 1):
+        stage.update({"path": dst, "error": (err or out).strip()[-2000:], "gates": [
+            {"gate": "command", "passed": False, "detail": f"exit code {code}: {(err or out).strip()[-300:]}"}]})
+        stage.update({"ppl": float("nan"), "bytes": current["bytes"], "params": current.get("params")})
+        log(f"{label}: FAILED ({(err or out).strip()[-300:]})")
+        return stage
+    cmd_report = None
+    if os.path.exists(report_path):
+        with open(report_path) as f:
+            cmd_report = json.load(f)
+    elif out.strip().startswith("{"):
+        with contextlib.suppress(json.JSONDecodeError):
+            cmd_report = json.loads(out)
+    stage["path"] = os.path.abspath(dst)
+    stage["bytes"] = _size(dst)
+    stage["params"] = _params(dst) if step.kind != "eval" else current.get("params")
+    stage.update(_measure(dst, ev) if step.kind != "eval" else {"ppl": cmd_report["ppl"] if cmd_report else float("nan")})
+    stage["ppl_increase_pct"] = 100.0 * (stage["ppl"] / current["ppl"] - 1.0)
+    stage["size_reduction"] = 1.0 - stage["bytes"] / current["bytes"]
+    val = (cmd_report or {}).get("validation") if isinstance(cmd_report, dict) else None
+    if val and "logits_drift" in val:
+        stage["logit_drift"] = val["logits_drift"]["max_abs"]
+    stage["bits_per_weight"] = 8.0 * stage["bytes"] / stage["params"] if stage.get("params") else None
+    stage["command_report"] = cmd_report
+    stage["gates"] = [_gate(g, b, stage) for g, b in step.gates.items()]
+    if code == 1:
+        stage["gates"].append({"gate": "command", "passed": False, "detail": "the command's own gate failed (exit 1)"})
+    stage["key"] = key
+    stage["resumed"] = False
+    stage["root"] = _root_of(current)
+    with open(meta_path, "w") as f:
+        json.dump(stage, f, indent=2, default=str)
+    verdict = "PASS" if all(g["passed"] for g in stage["gates"]) else "FAIL"
+    log(f"{label}: ppl {stage['ppl']:.4f} ({stage['ppl_increase_pct']:+.2f}%), {stage['bytes']:,} bytes [{verdict}]")
+    return stage
+
+
+def _root_of(stage: dict) -> str:
+    return stage.get("root") or stage["path"]
+
+
+def _stamp_recipe(path: str, recipe: Recipe) -> None:
+    """Store the applied recipe in the final model's manifest (safetensors outputs)."""
+    if not path.endswith(".safetensors") or not os.path.exists(path):
+        return
+    from .io.safetensors_io import read_safetensors, write_safetensors
+    ck = read_safetensors(path).materialize()
+    ck.manifest["recipe"] = {"name": recipe.name, "file": os.path.basename(recipe.path), "spec": copy.deepcopy(recipe.raw)}
+    write_safetensors(ck, path)
+
+
+# ------------------------------------------------------------------------------------ reports
+def markdown_table(report: dict) -> str:
+    lines = [f"### Recipe `{report['recipe']}`: {'PASS' if report['passed'] else 'FAIL'}", "",
+             "| stage | params | size (bytes) | bits/weight | ppl | Δppl vs input | gates |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for s in report["stages"]:
+        gates = "; ".join(("✅ " if g["passed"] else "❌ ") + g["detail"] for g in s.get("gates", [])) or "—"
+        params = f"{s['params']:,}" if s.get("params") else "—"
+        bpw = f"{s['bits_per_weight']:.2f}" if s.get("bits_per_weight") else "—"
+        ppl = f"{s['ppl']:.4f}" if isinstance(s.get("ppl"), float) and not math.isnan(s["ppl"]) else "—"
+        lines.append(f"| {s['stage']}{' (resumed)' if s.get('resumed') else ''} | {params} | {s['bytes']:,} | {bpw} | "
+                     f"{ppl} | {s.get('ppl_increase_pct', 0):+.2f}% | {gates} |")
+    o = report["overall"]
+    lines += ["", f"Overall: ppl {o['ppl_increase_pct']:+.2f}% vs source, size reduced by {100 * o['size_reduction']:.1f}%"]
+    for g in o["gates"]:
+        lines.append(f"- {'✅' if g['passed'] else '❌'} {g['detail']}")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(report: dict, out_dir: str) -> None:
+    from .io.atomic import atomic_path
+    with atomic_path(os.path.join(out_dir, "report.json")) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+    with atomic_path(os.path.join(out_dir, "report.md")) as tmp:
+        with open(tmp, "w") as f:
+            f.write(markdown_table(report))
+    _plot(report, os.path.join(out_dir, "plot.png"))
+
+
+def _plot(report: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from .io.atomic import atomic_path
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    pts = [(s["bytes"] / 1e6, s["ppl"], s["stage"]) for s in report["stages"]
+           if isinstance(s.get("ppl"), float) and not math.isnan(s["ppl"]) and s["kind"] != "eval"]
+    for x, y, label in pts:
+        ax.scatter([x], [y])
+        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("size (MB)")
+    ax.set_ylabel("perplexity (held-out)")
+    ax.set_title(f"recipe {report['recipe']}: perplexity vs size")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
