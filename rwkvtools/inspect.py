@@ -60,6 +60,9 @@ def format_description(info: dict) -> str:
         lines.append(f"stored as   {sf.get('format')} " + ", ".join(f"{k}={v}" for k, v in sf.items() if k != "format"))
     for n in info.get("notes", []):
         lines.append(f"note        {n}")
+    for k in ("lowrank", "quantized", "recursive"):  # a transform's summary line, if it wrote one
+        if isinstance(info.get(k), dict) and info[k].get("summary"):
+            lines.append(f"{k:<11} {info[k]['summary']}")
     if info["history"]:
         lines.append("history:")
         for i, h in enumerate(info["history"], 1):

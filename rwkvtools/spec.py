@@ -54,10 +54,58 @@ def linear_shape(tensors: Mapping, prefix: str) -> tuple[int, int] | None:
             return (s[0], s[1])
     if f"{prefix}.weight_u" in tensors and f"{prefix}.weight_v" in tensors:  # low-rank U(out,r) V(r,in)
         return (tensor_shape(tensors, f"{prefix}.weight_u")[0], tensor_shape(tensors, f"{prefix}.weight_v")[1])
+    if f"{prefix}.weight_int8" in tensors:  # quantized int8 (out, in)
+        s = tensor_shape(tensors, f"{prefix}.weight_int8")
+        return (s[0], s[1])
+    if f"{prefix}.weight_int4" in tensors:  # quantized int4, two values per byte (out, in/2)
+        s = tensor_shape(tensors, f"{prefix}.weight_int4")
+        return (s[0], 2 * s[1])
     if f"{prefix}.shape" in tensors:  # quantized / shared linears store their logical shape
         s = tensors[f"{prefix}.shape"].tolist()
         return (int(s[0]), int(s[1]))
+    src = shared_source(tensors, f"{prefix}.weight")  # recursive: shared block matrix (+ LoRA)
+    if src is not None:
+        s = tensor_shape(tensors, src)
+        if len(s) == 2:
+            return (s[0], s[1])
     return None
+
+
+# recursive checkpoints (transforms/recursive.py): layer i runs shared block SHARED_MAP[i] (-1:
+# its own tensors); a per-layer tensor 'blocks.i.REST' that is absent is stored once as
+# 'shared.B.REST' (matrices then relaxed per layer by 'blocks.i.REST-without-.weight.lora_a/_b')
+SHARED_MAP = "shared.map"
+_LAYER_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def shared_map(tensors: Mapping) -> list[int] | None:
+    """The layer -> shared block list of a recursive checkpoint (-1 = unshared), or None."""
+    if SHARED_MAP not in tensors:
+        return None
+    t = tensors[SHARED_MAP]
+    if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.numel() > 1_000_000:
+        raise SpecError(f"'{SHARED_MAP}' must be a 1-D integer tensor (one shared block per layer, -1 for "
+                        f"none), found {t.dtype} of shape {tuple(t.shape)}")
+    m = [int(v) for v in t.tolist()]
+    if any(v < -1 for v in m):
+        raise SpecError(f"'{SHARED_MAP}' holds a negative block index other than -1: {m}")
+    return m
+
+
+def shared_source(tensors: Mapping, name: str) -> str | None:
+    """Where a recursive checkpoint stores the shared copy of the per-layer tensor ``name``
+    ('blocks.i.REST' -> 'shared.B.REST'), or None when ``name`` is not shared."""
+    if SHARED_MAP not in tensors or name in tensors:
+        return None
+    m = _LAYER_NAME.match(name)
+    if not m:
+        return None
+    mp = shared_map(tensors)
+    i = int(m.group(1))
+    if i >= len(mp) or mp[i] < 0:
+        return None
+    src = f"shared.{mp[i]}.{m.group(2)}"
+    return src if src in tensors else None
 
 
 def _layers(tensors: Mapping) -> int:
@@ -204,3 +252,83 @@ def param_groups(tensors: Mapping) -> dict[str, int]:
         else:
             out["other"] += n
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the full training-form key set of a version (used by converters to refuse unknown keys and
+# mismatched shapes; linear prefixes may hold any representation linear_shape knows)
+def layout(spec: ModelSpec) -> dict[str, tuple[tuple, bool]]:
+    """name -> (expected shape, required) for every BlinkDL training-form tensor of ``spec``.
+    Vectors are listed in their usual stored shape ((1, 1, C) token-shift vectors); a tensor
+    with the same number of elements and at most one dimension > 1 is the same vector."""
+    C, A, H, N, F_, V = spec.n_embd, spec.dim_att, spec.n_head, spec.head_size, spec.ffn_dim, spec.vocab
+    out: dict[str, tuple[tuple, bool]] = {"emb.weight": ((V, C), True), "blocks.0.ln0.weight": ((C,), True),
+                                          "blocks.0.ln0.bias": ((C,), True), "ln_out.weight": ((C,), True),
+                                          "ln_out.bias": ((C,), True), "head.weight": ((V, C), True)}
+    vec = (1, 1, C)
+    for i in range(spec.n_layer):
+        p, a, f = f"blocks.{i}.", f"blocks.{i}.att.", f"blocks.{i}.ffn."
+        for ln in ("ln1", "ln2"):
+            out[p + ln + ".weight"] = ((C,), True)
+            out[p + ln + ".bias"] = ((C,), True)
+        if spec.major == 7:
+            for m in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
+                out[a + m] = (vec, True)
+            lo = spec.lora
+            out[a + "w1"], out[a + "w2"] = ((C, lo["w"]), True), ((lo["w"], C), True)
+            out[a + "a1"], out[a + "a2"] = ((C, lo["a"]), True), ((lo["a"], C), True)
+            out[a + "g1"], out[a + "g2"] = ((C, lo["g"]), True), ((lo["g"], C), True)
+            if i > 0:
+                out[a + "v0"], out[a + "v1"], out[a + "v2"] = (vec, True), ((C, lo["v"]), True), ((lo["v"], C), True)
+            else:  # layer 0 may carry unused copies (never read)
+                out[a + "v0"], out[a + "v1"], out[a + "v2"] = (vec, False), ((), False), ((), False)
+            out[a + "r_k"] = ((H, N), True)
+            for m in ("receptance", "key", "value", "output"):
+                out[a + m + ".weight"] = ((C, C), True)
+            out[a + "ln_x.weight"], out[a + "ln_x.bias"] = ((C,), True), ((C,), True)
+            out[f + "x_k"] = (vec, True)
+            out[f + "key.weight"], out[f + "value.weight"] = ((F_, C), True), ((C, F_), True)
+            continue
+        if spec.major == 6:
+            for m in ("x", "w", "k", "v", "r", "g"):
+                out[a + "time_maa_" + m] = (vec, True)
+            dm, dd = spec.lora["mix"], spec.lora["decay"]
+            out[a + "time_maa_w1"], out[a + "time_maa_w2"] = ((C, 5 * dm), True), ((5, dm, C), True)
+            out[a + "time_decay"] = ((1, 1, A), True)
+            out[a + "time_decay_w1"], out[a + "time_decay_w2"] = ((C, dd), True), ((dd, A), True)
+            out[a + "time_faaaa"] = ((H, N), True)
+            for m in ("time_maa_k", "time_maa_r"):
+                out[f + m] = (vec, True)
+        else:
+            for m in ("k", "v", "r"):
+                out[a + "time_mix_" + m] = (vec, True)
+            for m in ("k", "r"):
+                out[f + "time_mix_" + m] = (vec, True)
+            if spec.major == 4:
+                out[a + "time_decay"], out[a + "time_first"] = ((A,), True), ((A,), True)
+            else:
+                dshape = (H, N) if spec.version == "5.2" else (H,)
+                out[a + "time_decay"] = (dshape, True)
+                out[a + spec.bonus] = (dshape, True)
+                if spec.has_gate:
+                    out[a + "time_mix_g"] = (vec, True)
+        for m in ("receptance", "key", "value"):
+            out[a + m + ".weight"] = ((A, C), True)
+        out[a + "output.weight"] = ((C, A), True)
+        if spec.has_gate:
+            out[a + "gate.weight"] = ((A, C), True)
+        if spec.major >= 5:
+            out[a + "ln_x.weight"], out[a + "ln_x.bias"] = ((A,), True), ((A,), True)
+        out[f + "key.weight"], out[f + "value.weight"] = ((F_, C), True), ((C, F_), True)
+        out[f + "receptance.weight"] = ((C, C), True)
+    return out
+
+
+def linear_prefixes(spec: ModelSpec) -> list[str]:
+    """Prefixes of every nn.Linear-style matrix (stored (out, in) as '<prefix>.weight')."""
+    att = ["receptance", "key", "value", "output"] + (["gate"] if spec.has_gate else [])
+    ffn = ["key", "value"] + (["receptance"] if spec.major < 7 else [])
+    out = []
+    for i in range(spec.n_layer):
+        out += [f"blocks.{i}.att.{m}" for m in att] + [f"blocks.{i}.ffn.{m}" for m in ffn]
+    return out + ["head"]

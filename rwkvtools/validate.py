@@ -67,12 +67,18 @@ def perplexity(model, tokens: list[int] | torch.Tensor, chunk_len: int = DEFAULT
         x = inp[s:s + chunk_len].unsqueeze(0)
         y = tgt[s:s + chunk_len]
         if backend is None:
-            backend = ops.backend_for(model.emb, x.shape[1])
-        h, state = model.forward_hidden(x, state)
-        h = h[0]
-        for j in range(0, h.shape[0], head_chunk):
-            logits = model.head(h[j:j + head_chunk]).float()
-            nll += F.cross_entropy(logits, y[j:j + head_chunk], reduction="sum").item()
+            backend = getattr(model, "backend", None) or ops.backend_for(model.emb, x.shape[1])
+        if not hasattr(model, "forward_hidden"):  # e.g. an exported ONNX model: logits only
+            logits, state = model(x, state)
+            if logits.shape[1] != y.numel():
+                raise RwkvToolsError("the model returns only the last position's logits; perplexity needs all of them")
+            nll += F.cross_entropy(logits[0].float(), y, reduction="sum").item()
+        else:
+            h, state = model.forward_hidden(x, state)
+            h = h[0]
+            for j in range(0, h.shape[0], head_chunk):
+                logits = model.head(h[j:j + head_chunk]).float()
+                nll += F.cross_entropy(logits, y[j:j + head_chunk], reduction="sum").item()
         if bar is not None:
             bar.update(x.shape[1])
     if bar is not None:

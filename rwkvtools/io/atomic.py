@@ -7,6 +7,12 @@ import os
 import tempfile
 
 
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yields a temporary path in the target's folder; renames it onto ``path`` on success."""
@@ -16,6 +22,7 @@ def atomic_path(path: str):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -32,6 +39,7 @@ def atomic_dir(path: str):
     tmp = tempfile.mkdtemp(prefix=".rwkvtools-", dir=parent)
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         if os.path.isdir(path):
             shutil.rmtree(path)
         os.replace(tmp, path)

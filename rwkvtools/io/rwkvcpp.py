@@ -6,13 +6,18 @@ dims[dim_count] (reversed w.r.t. torch), key bytes, data`` until EOF.
 
 rwkv.cpp's converter stores some tensors pre-transformed for its RNN graph. The reader undoes
 those transforms so the result is the BlinkDL training form (see docs/FORMS.md):
-v4 ``time_decay = -exp(td)``; v5 ``time_decay = exp(-exp(td))`` (recovered in float64, lossy near
-1), ``time_first = exp(tf)``; squeezed ``.time_`` vectors; v6/v7 LoRA matrices transposed; v7
-``x_rwkvag`` concatenation. Every header field and size is bounds-checked against the file before
-anything is allocated.
+v4 ``time_decay = -exp(td)``; v5 ``time_decay = exp(-exp(td))``, ``time_first = exp(tf)`` (each
+inverted to the float32 value the same float32 transform maps to the stored one, so a rewrite is
+byte-identical; near decay 1 not the unique original); squeezed ``.time_`` vectors; v6/v7 LoRA
+matrices transposed; v7 ``x_rwkvag`` concatenation. Every header field and size is bounds-checked
+against the file before anything is allocated.
+
+The writer (``write_rwkvcpp``) produces the bytes rwkv.cpp's converter (FP32/FP16) and quantizer
+(Q4_0..Q8_0) write; API in docs/FORMS.md.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -23,6 +28,7 @@ import torch
 
 from ..checkpoint import Checkpoint, LazyTensors, default_manifest
 from ..errors import FormatError
+from ..transforms.rnn_form import invert_value
 from . import ggml_quants
 
 MAGIC = 0x67676D66
@@ -163,7 +169,8 @@ def read_rwkvcpp(path: str, raw: bool = False) -> Checkpoint:
                                       {k: r.shape for k, r in by_name.items()}), manifest, source=path)
     plan = _inverse_plan(version, by_name, header, path)
     if version == "5":
-        manifest["notes"] = ["v5 time_decay recovered from rwkv.cpp's exp(-exp(td)) in float64 (lossy near decay 1)"]
+        manifest["notes"] = ["v5 time_decay recovered from rwkv.cpp's exp(-exp(td)): the float32 value that maps "
+                             "back to the stored decay (exact for rewriting; near decay 1 not unique)"]
     names = list(plan)
     shapes = {k: plan[k][1] for k in names}
     return Checkpoint(LazyTensors(names, lambda k: plan[k][0](src), shapes), manifest, source=path)
@@ -172,11 +179,6 @@ def read_rwkvcpp(path: str, raw: bool = False) -> Checkpoint:
 def _inverse_plan(version: str, recs: dict[str, Record], header: dict, path: str) -> dict:
     """name -> (loader(src) -> tensor, training-form shape)."""
     plan: dict = {}
-    n_head = None
-    if version in ("5", "6"):
-        key = "blocks.0.att.time_decay"
-        if key in recs:
-            n_head = recs[key].shape[0]
 
     def plain(r: Record, shape=None, fn=None):
         shape = tuple(shape) if shape is not None else r.shape
@@ -216,14 +218,14 @@ def _inverse_plan(version: str, recs: dict[str, Record], header: dict, path: str
             if last.startswith("time_mix") or last.startswith("time_maa"):
                 plan[name] = plain(r, (1, 1, n))
             elif version == "4" and last == "time_decay":
-                plan[name] = plain(r, (n,), lambda t: torch.log(-t.double()).to(t.dtype))
+                plan[name] = plain(r, (n,), lambda t: invert_value("neg_exp", t)[0])
             elif version == "4":
                 plan[name] = plain(r, (n,))
             elif version == "5" and last == "time_decay":
                 shape = (sh[0],) if (len(sh) == 1 or sh[1] == 1) else (sh[0], sh[1])
-                plan[name] = plain(r, shape, _v5_decay_inverse)
+                plan[name] = plain(r, shape, lambda t: invert_value("exp_neg_exp", t)[0])
             elif version == "5" and last == "time_first":
-                plan[name] = plain(r, (sh[0],), lambda t: torch.log(t.double()).to(t.dtype))
+                plan[name] = plain(r, (sh[0],), lambda t: invert_value("exp", t)[0])
             elif last == "time_faaaa":
                 h = sh[0]
                 plan[name] = plain(r, (h, n // h))
@@ -236,7 +238,217 @@ def _inverse_plan(version: str, recs: dict[str, Record], header: dict, path: str
     return plan
 
 
-def _v5_decay_inverse(w: torch.Tensor) -> torch.Tensor:
-    """td = log(-log(w)) in float64; clamped so that w in {0, 1} stays finite."""
-    wd = w.double().clamp(min=5e-324, max=1.0 - 2.0 ** -53)
-    return torch.log(-torch.log(wd)).to(w.dtype)
+
+# ============================================================================ writer
+# rwkv.cpp's quantizer (rwkv_quantize.inc) leaves these alone even when they are 2-D
+_NO_QUANT_SUBSTR = ("att.v1", "att.v2", "att.g1", "att.g2", "att.a1", "att.a2", "att.w1", "att.w2", "att.r_k")
+# rwkv.cpp's converter keeps these in FP32 in an FP16 file (besides every 1-D tensor)
+_FP32_SUBSTR = (".time_", ".k_k", ".k_a", ".r_k", ".x_rwkvag", ".x_k", ".w0", ".a0", ".v0")
+DATA_TYPES = ("FP32", "FP16") + tuple(ggml_quants.BLOCK_TYPES)
+
+
+def needs_quant(name: str, ndim: int) -> bool:
+    """rwkv.cpp's quantizer rule: 2-D tensors (in the file's layout) except emb/head and the
+    v7 LoRA / r_k tensors."""
+    return ndim == 2 and name not in ("emb.weight", "head.weight") and not any(s in name for s in _NO_QUANT_SUBSTR)
+
+
+def _fp16_eligible(name: str, ndim: int) -> bool:
+    return ndim > 1 and not any(s in name for s in _FP32_SUBSTR)
+
+
+def _data_type(name: str) -> str:
+    key = str(name).upper().replace("FLOAT32", "FP32").replace("FLOAT16", "FP16")
+    if key not in DATA_TYPES:
+        raise FormatError(f"rwkv.cpp data type '{name}' is not supported; choose one of {', '.join(DATA_TYPES)}")
+    return key
+
+
+def file_records(ckpt: Checkpoint):
+    """The records rwkv.cpp's converter would write for a training-form checkpoint, in order:
+    yields (name, producer) where producer() returns the float32 tensor in the file's layout
+    (decays transformed, vectors squeezed, LoRA transposed, v7 x_* concatenated)."""
+    from ..spec import detect
+    t = ckpt.tensors
+    spec = detect(t)
+    v = spec.major
+    H = spec.n_head
+    names = list(t)
+    done_mix: set[int] = set()
+    for name in names:
+        last = name.rsplit(".", 1)[-1]
+        if v == 7 and ".att.x_" in name and last in V7_MIX:
+            layer = int(name.split(".")[1])
+            if layer in done_mix:
+                continue
+            done_mix.add(layer)
+            pre = f"blocks.{layer}.att."
+
+            def mix(pre=pre):
+                parts = [t[pre + m].float().reshape(1, 1, -1) for m in V7_MIX]
+                return torch.cat(parts, 0)
+            yield pre + "x_rwkvag", mix
+            continue
+        yield name, (lambda name=name, last=last: _file_tensor(t[name].float(), name, last, v, spec, H))
+
+
+def _file_tensor(x: torch.Tensor, name: str, last: str, v: int, spec, H: int) -> torch.Tensor:
+    from ..transforms.rnn_form import forward_value
+    is_time = ".time_" in name
+    if is_time:
+        n = x.numel()
+        x = x.reshape(-1) if n == 1 else x.squeeze()
+    if v == 7:
+        if ".att." in name and last in V7_LORA:
+            x = x.t()
+    elif v == 6:
+        if last == "time_faaaa":
+            x = x.reshape(H, -1, 1)
+        elif last in ("time_maa_w1", "time_decay_w1", "time_decay_w2"):
+            x = x.t()
+        elif last == "time_maa_w2":
+            x = x.transpose(1, 2)
+        elif last == "time_decay":
+            x = x.reshape(H, -1, 1)
+    elif v == 5:
+        if last == "time_decay":
+            x = forward_value("exp_neg_exp", x)
+            x = x.unsqueeze(-1) if spec.version == "5.2" else x.reshape(-1, 1, 1)
+        elif last == "time_first":
+            x = forward_value("exp", x).reshape(-1, 1, 1)
+        elif last == "time_faaaa":
+            x = x.unsqueeze(-1)
+    elif last == "time_decay":
+        x = forward_value("neg_exp", x)
+    return x.contiguous()
+
+
+def _check_writable(ckpt: Checkpoint):
+    from ..spec import detect, layout, linear_prefixes
+    t = ckpt.tensors
+    spec = detect(t)
+    if spec.version == "5.1":
+        raise FormatError("rwkv.cpp cannot load the RWKV 5.1 layout (gate with per-head decay); "
+                          "write .safetensors or .pth instead")
+    if spec.version == "5.0" and spec.bonus != "time_first":
+        raise FormatError("rwkv.cpp's v5 without gate ('5.1' there) needs 'time_first'; this checkpoint has "
+                          "'time_faaaa'; write .safetensors or .pth instead")
+    if spec.version == "5.2" and spec.bonus != "time_faaaa":
+        raise FormatError("rwkv.cpp's v5.2 needs 'time_faaaa'; this checkpoint has 'time_first'")
+    lay = layout(spec)
+    for p in linear_prefixes(spec):
+        if f"{p}.weight" not in t:
+            raise FormatError(f"rwkv.cpp needs dense matrices, but '{p}' is stored in another representation "
+                              f"({', '.join(k for k in t if k.startswith(p + '.'))}); rwkv.cpp's loader only knows "
+                              "dense tensors: re-densify it or write .safetensors")
+    unknown = [k for k in t if k not in lay]
+    if unknown:
+        raise FormatError(f"rwkv.cpp's loader does not know {len(unknown)} tensor(s) of this checkpoint, e.g. "
+                          f"{', '.join(unknown[:5])}; write .safetensors instead")
+    missing = [k for k, (_, req) in lay.items() if req and k not in t]
+    if missing:
+        raise FormatError(f"checkpoint lacks {len(missing)} tensor(s) rwkv.cpp needs, e.g. {', '.join(missing[:5])}")
+    return spec
+
+
+def write_rwkvcpp(ckpt: Checkpoint, path: str, data_type: str = "FP32",
+                  blocks: dict | None = None, base_type: str | None = None,
+                  version: int | None = None, progress: bool | None = None) -> None:
+    """Write an rwkv.cpp ``.bin`` with the bytes rwkv.cpp's own tools write.
+
+    * ``data_type`` "FP32" / "FP16": as python/convert_pytorch_to_ggml.py (same record order as the
+      checkpoint's tensors, same transforms, same FP32 exceptions in FP16 files).
+    * a block type ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"): as rwkv.cpp's quantizer applied to the
+      ``base_type`` file ("FP32" default, or "FP16"): 2-D tensors except emb/head and v7 LoRA/r_k
+      are quantized with ggml's reference quantizer; the others keep the base type.
+    * ``blocks``: optional {name: (type name, uint8 block bytes)} for tensors the quantizer would
+      quantize, written as given (e.g. GPTQ results). Names are file names (BlinkDL names); the
+      bytes are in the file's layout (rows = the stored tensor's rows; v6 ``time_maa_w1``,
+      ``time_decay_w1/w2`` are stored transposed).
+    * ``version``: file version; default 101, or the version of the rwkv.cpp file the checkpoint
+      was read from (so reading and writing a file again gives the same bytes). Quantized files
+      are always 101.
+    The checkpoint may be in either form (an RNN-form checkpoint is brought back first). Written
+    tensor by tensor to a temporary file renamed at the end (peak memory ~ one tensor)."""
+    import sys
+
+    from ..transforms import prepare_for_model
+    from .atomic import atomic_path
+
+    dt = _data_type(data_type)
+    base = "FP16" if dt == "FP16" else _data_type(base_type or "FP32")
+    if base not in ("FP32", "FP16"):
+        raise FormatError(f"base_type must be FP32 or FP16, got {base_type}")
+    ckpt = prepare_for_model(ckpt)
+    spec = _check_writable(ckpt)
+    blocks = dict(blocks or {})
+    quantized = dt in ggml_quants.BLOCK_TYPES or bool(blocks)
+    if version is None:
+        sf = ckpt.manifest.get("source_format") or {}
+        version = sf.get("version", 101) if sf.get("format") == "rwkvcpp" else 101
+    if version not in (100, 101):
+        raise FormatError(f"rwkv.cpp file version must be 100 or 101, got {version}")
+    if quantized:
+        version = 101
+    records = list(file_records(ckpt))
+    file_names = {n for n, _ in records}
+    stray = sorted(set(blocks) - file_names)
+    if stray:
+        raise FormatError(f"blocks given for tensor(s) not in the file: {', '.join(stray[:5])}")
+    bar = None
+    if progress or (progress is None and sys.stderr.isatty() and len(records) > 200):
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=len(records), unit="tensor", file=sys.stderr, desc="rwkv.cpp", leave=False)
+        except ImportError:  # pragma: no cover
+            bar = None
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<6i", MAGIC, version, spec.vocab, spec.n_embd, spec.n_layer, TYPE_IDS[dt]))
+            for name, make in records:
+                x = make()
+                shape = tuple(x.shape)
+                if name in blocks:
+                    rtype, payload = _given_blocks(name, shape, blocks[name])
+                elif dt in ggml_quants.BLOCK_TYPES and needs_quant(name, x.dim()):
+                    if shape[-1] % ggml_quants.QK:
+                        raise FormatError(f"cannot quantize '{name}' to {dt}: its rows have {shape[-1]} values, "
+                                          f"not a multiple of {ggml_quants.QK} (rwkv.cpp's requirement)")
+                    vals = x.half().float() if base == "FP16" else x
+                    rtype, payload = dt, ggml_quants.quantize(dt, vals.numpy())
+                elif base == "FP16" and _fp16_eligible(name, x.dim()):
+                    rtype, payload = "FP16", x.half().numpy()
+                else:
+                    rtype, payload = "FP32", x.numpy()
+                key = name.encode("utf-8")
+                f.write(struct.pack("<3i", len(shape), len(key), TYPE_IDS[rtype]))
+                f.write(struct.pack(f"<{len(shape)}i", *reversed(shape)))
+                f.write(key)
+                f.write(memoryview(np.ascontiguousarray(payload)).cast("B"))
+                del x, payload
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+
+
+def _given_blocks(name: str, shape: tuple, given) -> tuple[str, np.ndarray]:
+    try:
+        qtype, payload = given
+    except (TypeError, ValueError):
+        raise FormatError(f"blocks['{name}'] must be a (type name, uint8 array) pair") from None
+    qtype = str(qtype).upper()
+    if qtype not in ggml_quants.BLOCK_TYPES:
+        raise FormatError(f"blocks['{name}']: unknown block type '{qtype}'; known: {', '.join(ggml_quants.BLOCK_TYPES)}")
+    if not needs_quant(name, len(shape)):
+        raise FormatError(f"blocks['{name}']: rwkv.cpp does not quantize this tensor (shape {shape})")
+    if shape[-1] % ggml_quants.QK:
+        raise FormatError(f"blocks['{name}']: rows of {shape[-1]} values are not a multiple of {ggml_quants.QK}")
+    arr = np.ascontiguousarray(payload)
+    if arr.dtype != np.uint8:
+        raise FormatError(f"blocks['{name}'] must be uint8 bytes, got {arr.dtype}")
+    n = math.prod(shape)
+    need = n // ggml_quants.QK * ggml_quants.block_bytes(qtype)
+    if arr.size != need:
+        raise FormatError(f"blocks['{name}']: {qtype} for shape {shape} needs {need} bytes, got {arr.size}")
+    return qtype, arr.reshape(-1)

@@ -7,7 +7,6 @@ import struct
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..checkpoint import Checkpoint, LazyTensors, default_manifest
 from ..errors import FormatError
@@ -54,13 +53,66 @@ def read_safetensors(path: str) -> Checkpoint:
             manifest = json.loads(meta[META_KEY])
         except json.JSONDecodeError:
             raise FormatError(f"{path}: the '{META_KEY}' metadata is not valid JSON") from None
-    names = list(handle.keys())
+    # keep the writer's order (data offsets), not the library's alphabetical one
+    names = sorted(handle.keys(), key=lambda k: (header[k]["data_offsets"][0], header[k]["data_offsets"][1], k))
     shapes = {k: tuple(header[k]["shape"]) for k in names}
-    return Checkpoint(LazyTensors(names, handle.get_tensor, shapes), manifest, source=path)
+    dtypes = {k: _ST_NAMES[header[k].get("dtype")] for k in names if header[k].get("dtype") in _ST_NAMES}
+    return Checkpoint(LazyTensors(names, handle.get_tensor, shapes, dtypes), manifest, source=path)
 
 
-def write_safetensors(ckpt: Checkpoint, path: str) -> None:
-    meta = {META_KEY: json.dumps(ckpt.manifest, sort_keys=True)}
-    tensors = {k: ckpt.tensors[k].contiguous() for k in ckpt.tensors}
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def write_safetensors(ckpt: Checkpoint, path: str, progress: bool | None = None,
+                      extra_metadata: dict[str, str] | None = None) -> None:
+    """Stream the tensors into a safetensors file one at a time (the header is computed from
+    shapes and dtypes first), so peak memory stays near one tensor beyond what the reader holds.
+    The manifest goes into the metadata under ``rwkvtools``."""
+    import sys
+
+    from ..checkpoint import tensor_dtype, tensor_shape
+    t = ckpt.tensors
+    names = list(t)
+    header: dict = {"__metadata__": {**(extra_metadata or {}), META_KEY: json.dumps(ckpt.manifest, sort_keys=True)}}
+    off = 0
+    for k in names:
+        dt = tensor_dtype(t, k)
+        if dt not in _ST_DTYPES:
+            raise FormatError(f"tensor '{k}' has dtype {dt}, which safetensors cannot store")
+        shape = [int(d) for d in tensor_shape(t, k)]
+        n = 1
+        for d in shape:
+            n *= d
+        nbytes = n * torch.empty((), dtype=dt).element_size()
+        header[k] = {"dtype": _ST_DTYPES[dt], "shape": shape, "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    bar = None
+    if progress or (progress is None and sys.stderr.isatty() and off > 1 << 30):
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=off, unit="B", unit_scale=True, file=sys.stderr, desc="safetensors", leave=False)
+        except ImportError:  # pragma: no cover
+            bar = None
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for k in names:
+                x = t[k]
+                want = header[k]
+                if tuple(x.shape) != tuple(want["shape"]) or _ST_DTYPES.get(x.dtype) != want["dtype"]:
+                    raise FormatError(f"tensor '{k}' is {tuple(x.shape)} {x.dtype}, its reader announced "
+                                      f"{tuple(want['shape'])} {want['dtype']}")
+                x = x.detach().to("cpu").contiguous().reshape(-1)
+                if x.numel():
+                    f.write(memoryview(x.view(torch.uint8).numpy()))
+                if bar is not None:
+                    bar.update(want["data_offsets"][1] - want["data_offsets"][0])
+                del x
+    if bar is not None:
+        bar.close()

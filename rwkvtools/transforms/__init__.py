@@ -9,5 +9,8 @@ def prepare_for_model(ckpt: Checkpoint) -> Checkpoint:
     parallel/training form). RNN-form files are converted back here (see rnn_form)."""
     if ckpt.form == "rnn":
         from .rnn_form import to_parallel
-        return to_parallel(ckpt)
+        ckpt = to_parallel(ckpt)
+    if "shared.map" in ckpt.tensors:  # recursive: tensors tied across layers (model/shared.py)
+        from ..model.shared import tied_view
+        ckpt = tied_view(ckpt)
     return ckpt

@@ -1,0 +1,204 @@
+"""Benchmark: the exported ONNX graphs in onnxruntime (CPU) against the torch reference model and
+ChatRWKV's `rwkv` package on the same 0.1B-shaped random v7 model (12 layers, dim 768, vocab
+65536), side by side in one run.
+
+* per-token latency of one fp32 step (batch 1): onnxruntime step graph, torch step, ChatRWKV;
+  and the memory-bandwidth bound of a step: every weight read once (all matrices except the
+  embedding table, of which one row is read) / the measured read bandwidth;
+* prefill tokens/s: onnxruntime sequence graph (logits of every position, and logits='last')
+  against ChatRWKV's sequence forward (full_output=False and True).
+
+    python bench/bench_onnx.py [--steps 48] [--prefill 1024] [--threads 2]
+
+Needs ChatRWKV's package for the comparison (pip install rwkv==0.8.32; benchmark only)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+CR_SCRIPT = r"""
+import os, sys, time, json, statistics
+os.environ["RWKV_V7_ON"] = "1"; os.environ.setdefault("RWKV_JIT_ON", "1"); os.environ.setdefault("RWKV_CUDA_ON", "0")
+import torch
+torch.set_num_threads(int(sys.argv[4]))
+from rwkv.model import RWKV
+path, n_steps, n_seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+m = RWKV(model=path[:-4], strategy="cpu fp32")
+toks = torch.randint(0, 65536, (max(n_steps, n_seq) + 8,), generator=torch.Generator().manual_seed(0)).tolist()
+st = None
+for x in toks[:4]:
+    o, st = m.forward([x], st)
+ts = []
+for x in toks[:n_steps]:
+    t = time.perf_counter(); o, st = m.forward([x], st); ts.append(time.perf_counter() - t)
+res = {"step_ms": 1000 * statistics.median(ts), "step_ms_min": 1000 * min(ts)}
+for full in (False, True):
+    best = 1e9
+    for _ in range(2):
+        t = time.perf_counter(); o, s2 = m.forward(toks[:n_seq], None, full_output=full); best = min(best, time.perf_counter() - t)
+    res["seq_tokens_per_s_full" if full else "seq_tokens_per_s"] = n_seq / best
+print(json.dumps(res))
+"""
+
+
+def read_bandwidth_gbs(threads: int, mib: int = 1024, reps: int = 5) -> dict:
+    """Read bandwidth: torch.sum over a buffer far larger than the caches (best of ``reps``)."""
+    n0 = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    buf = torch.ones(mib * 1024 * 1024 // 4)
+    best = 1e9
+    for _ in range(reps):
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+    torch.set_num_threads(n0)
+    return {"gbs": buf.numel() * 4 / best / 1e9, "mib": mib}
+
+
+def median_step_ms(fn, n: int, warm: int = 4) -> tuple[float, float]:
+    for i in range(warm):
+        fn(i)
+    ts = []
+    for i in range(n):
+        t = time.perf_counter()
+        fn(warm + i)
+        ts.append(time.perf_counter() - t)
+    return 1000 * statistics.median(ts), 1000 * min(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=48, help="tokens timed per step measurement")
+    ap.add_argument("--prefill", type=int, default=1024, help="prompt length for prefill")
+    ap.add_argument("--threads", type=int, default=2, help="threads for every runtime")
+    ap.add_argument("--chunk-len", type=int, default=16)
+    ap.add_argument("--no-chatrwkv", action="store_true")
+    ap.add_argument("--layers", type=int, default=12)
+    args = ap.parse_args()
+    import onnxruntime as ort
+
+    from rwkvtools.export.onnx import export_onnx
+    from rwkvtools.io.pth import write_pth
+    from rwkvtools.model import build_model
+    from rwkvtools.random_init import random_checkpoint
+    torch.set_num_threads(args.threads)
+
+    L, C, V = args.layers, 768, 65536
+    tmp = tempfile.mkdtemp(prefix="rwkvbench-onnx-")
+    ck = random_checkpoint("7", L, C, V, 64, seed=0)
+    pth = os.path.join(tmp, "rwkv7-0.1b.pth")
+    write_pth(ck, pth)
+    params = ck.num_params()
+    # bytes one step must read: every tensor once, the embedding table only one row
+    step_bytes = sum(v.numel() * 4 for k, v in ck.tensors.items() if k != "emb.weight") + C * 4
+    paths = {}
+    t0 = time.perf_counter()
+    for name, kw in (("step", {"mode": "step"}), ("seq", {"mode": "sequence", "chunk_len": args.chunk_len}),
+                     ("seq_last", {"mode": "sequence", "chunk_len": args.chunk_len, "logits": "last"})):
+        paths[name] = os.path.join(tmp, f"{name}.onnx")
+        export_onnx(ck, paths[name], validate=False, progress=False, **kw)
+    export_s = time.perf_counter() - t0
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    so.log_severity_level = 3
+    sess = {k: ort.InferenceSession(p, so, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    model = build_model(ck)
+    toks = torch.randint(0, V, (1, max(args.steps, args.prefill) + 16), generator=torch.Generator().manual_seed(0))
+    tnp = toks.numpy()
+    st_shapes = {k: v.shape for k, v in model.init_state(1).items()}
+
+    # --- correctness spot check: 8 steps of the step graph against the torch model
+    state = {f"state_in_{k}": np.zeros(s, np.float32) for k, s in st_shapes.items()}
+    ref_st, diff = None, 0.0
+    with torch.inference_mode():
+        for t in range(8):
+            out = sess["step"].run(None, {"tokens": tnp[:, t:t + 1], **state})
+            names = [o.name for o in sess["step"].get_outputs()]
+            res = dict(zip(names, out))
+            state = {f"state_in_{k}": res[f"state_out_{k}"] for k in st_shapes}
+            lr, ref_st = model(toks[:, t:t + 1], ref_st)
+            diff = max(diff, float(np.abs(res["logits"] - lr.numpy()).max()))
+
+    # --- step latency
+    def ort_step(i, _st={"s": None}):
+        s = _st["s"] or {f"state_in_{k}": np.zeros(sh, np.float32) for k, sh in st_shapes.items()}
+        out = sess["step"].run(None, {"tokens": tnp[:, i:i + 1], **s})
+        _st["s"] = {f"state_in_{k}": o for k, o in zip(st_shapes, out[1:])}
+    ort_ms, ort_min = median_step_ms(ort_step, args.steps)
+
+    def torch_step(i, _st={"s": None}):
+        with torch.inference_mode():
+            _, _st["s"] = model(toks[:, i:i + 1], _st["s"])
+    torch_ms, torch_min = median_step_ms(torch_step, args.steps)
+
+    # --- prefill
+    P = args.prefill
+    zero = {f"state_in_{k}": np.zeros(sh, np.float32) for k, sh in st_shapes.items()}
+    pre = {}
+    for k in ("seq", "seq_last"):
+        best = 1e9
+        for _ in range(2):
+            t = time.perf_counter()
+            sess[k].run(None, {"tokens": tnp[:, :P], **zero})
+            best = min(best, time.perf_counter() - t)
+        pre[k] = P / best
+    with torch.inference_mode():
+        best = 1e9
+        for _ in range(2):
+            t = time.perf_counter()
+            model(toks[:, :P])
+            best = min(best, time.perf_counter() - t)
+    pre["torch"] = P / best
+
+    bw = read_bandwidth_gbs(args.threads)
+    bound_ms = step_bytes / (bw["gbs"] * 1e9) * 1000
+
+    cr = None
+    if not args.no_chatrwkv:
+        r = subprocess.run([sys.executable, "-c", CR_SCRIPT, pth, str(args.steps), str(P), str(args.threads)],
+                           capture_output=True, text=True)
+        if r.returncode == 0:
+            cr = json.loads(r.stdout.strip().splitlines()[-1])
+        else:
+            print("ChatRWKV run failed:", r.stderr[-1500:], file=sys.stderr)
+
+    print(f"model: random RWKV-7 0.1B shape (L={L}, C={C}, V={V}), {params / 1e6:.1f}M params; "
+          f"threads {args.threads}; onnxruntime {ort.__version__}, torch {torch.__version__}")
+    print(f"export (3 graphs, no validation): {export_s:.1f} s; step graph vs torch, 8 steps: max |logit diff| {diff:.2e}")
+    print(f"read bandwidth (torch.sum over {bw['mib']} MiB): {bw['gbs']:.2f} GB/s; one step reads "
+          f"{step_bytes / 1e6:.0f} MB -> bound {bound_ms:.1f} ms/token")
+    print("per-token latency, batch 1, fp32 (median / min over %d steps):" % args.steps)
+    print(f"  onnxruntime step graph : {ort_ms:7.1f} / {ort_min:6.1f} ms  = {ort_ms / bound_ms:.2f}x bound")
+    print(f"  torch reference step   : {torch_ms:7.1f} / {torch_min:6.1f} ms  = {torch_ms / bound_ms:.2f}x bound")
+    if cr:
+        print(f"  ChatRWKV rwkv 0.8.32   : {cr['step_ms']:7.1f} / {cr['step_ms_min']:6.1f} ms  = "
+              f"{cr['step_ms'] / bound_ms:.2f}x bound; onnxruntime is {cr['step_ms'] / ort_ms:.2f}x ChatRWKV's speed")
+    print(f"prefill of {P} tokens, batch 1, fp32 (best of 2):")
+    print(f"  onnxruntime sequence graph, all logits : {pre['seq']:7.1f} tokens/s (chunk {args.chunk_len})")
+    print(f"  onnxruntime sequence graph, last logits: {pre['seq_last']:7.1f} tokens/s")
+    print(f"  torch reference (chunked), all logits  : {pre['torch']:7.1f} tokens/s")
+    if cr:
+        print(f"  ChatRWKV forward, last logits          : {cr['seq_tokens_per_s']:7.1f} tokens/s -> onnxruntime "
+              f"(last) is {pre['seq_last'] / cr['seq_tokens_per_s']:.2f}x")
+        print(f"  ChatRWKV forward, full_output=True     : {cr['seq_tokens_per_s_full']:7.1f} tokens/s -> onnxruntime "
+              f"(all) is {pre['seq'] / cr['seq_tokens_per_s_full']:.2f}x")
+    summary = {"bound_ms": bound_ms, "gbs": bw["gbs"], "ort_step_ms": ort_ms, "torch_step_ms": torch_ms,
+               "chatrwkv": cr, "prefill": pre, "step_logit_diff": diff}
+    print("json:", json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

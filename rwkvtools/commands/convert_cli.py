@@ -1,0 +1,100 @@
+"""``rwkvtools convert``: formats, forms and dtypes, loss-free, checked after writing."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..cli import handle_errors, main, UserError
+from .common import finish, print_summary, validation_options
+
+
+def _writer_options(pairs) -> dict:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise UserError(f"--writer-option '{p}': expected KEY=VALUE")
+        k, v = p.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+@main.command()
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--to", "to", type=click.Choice(["parallel", "rnn"]), default=None,
+              help="Form of the output (.pth/.safetensors only; default: keep the source's).")
+@click.option("--format", "fmt", type=click.Choice(["pth", "safetensors", "hf", "rwkvcpp", "gguf"]), default=None,
+              help="Output format (default: from DST: .pth, .safetensors, .bin = rwkv.cpp, .gguf, "
+                   "no extension = Hugging Face folder).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="dtype of the matrices (vectors and decays stay fp32); default: unchanged.")
+@click.option("--rescale-every", type=int, default=None,
+              help="RNN form only: divide att.output/ffn.value of layer i by 2^(i//N) for fp16 runtimes.")
+@click.option("--rwkvcpp-type", "cpp_type", type=click.Choice(["FP32", "FP16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]),
+              default=None, help="rwkv.cpp data type (block types quantize like rwkv.cpp's quantizer).")
+@click.option("--quant", type=click.Choice(["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]),
+              default=None, help="GGUF only: quantize the large matrices (round to nearest, llama.cpp's bytes); "
+                                 "embedding and head keep --dtype.")
+@click.option("--writer-option", "writer_opts", multiple=True, metavar="KEY=VALUE",
+              help="Extra option for the output format's writer (repeatable; VALUE is JSON or a string).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: large models in a terminal).")
+@validation_options
+def convert(src, dst, to, fmt, dtype, rescale_every, cpp_type, quant, writer_opts, progress, **opts):
+    """Convert SRC to DST: .pth, .safetensors, Hugging Face folder, rwkv.cpp .bin (and GGUF),
+    training (parallel) or RNN form, fp32/fp16/bf16, streamed tensor by tensor.
+
+    After writing, DST is read back and compared with SRC: tensor by tensor, logits drift and
+    perplexity on held-out text (skip with --no-validate).
+
+    \b
+    Examples:
+      rwkvtools convert ../shared/fixtures/tiny-rwkv-7v0-834K.pth /tmp/tiny7.safetensors
+      rwkvtools convert ../shared/fixtures/tiny-rwkv-7v0-834K.pth /tmp/tiny7-rnn.safetensors --to rnn
+      rwkvtools convert ../shared/fixtures/tiny-rwkv-7v0-834K.pth /tmp/tiny7-FP32.bin
+      rwkvtools convert ../shared/fixtures/tiny-rwkv-5v2-730K-FP32.bin /tmp/tiny5-Q5_1.bin --rwkvcpp-type Q5_1
+      rwkvtools convert ../shared/fixtures/tiny-rwkv-4v0-660K.pth /tmp/tiny4-hf --json
+      rwkvtools convert /tmp/tiny7.safetensors /tmp/tiny7-bf16.pth --dtype bf16 --max-ppl-increase 1
+      rwkvtools convert ../shared/fixtures/tiny-rwkv-7v0-834K.pth /tmp/tiny7-Q4_K.gguf --quant Q4_K
+    """
+    handle_errors(_convert)(src, dst, to, fmt, dtype, rescale_every, cpp_type, writer_opts, progress, opts, quant)
+
+
+def _convert(src, dst, to, fmt, dtype, rescale_every, cpp_type, writer_opts, progress, opts, quant=None):
+    from ..transforms.convert import convert as do_convert
+    options = _writer_options(writer_opts)
+    if quant:
+        if not (fmt == "gguf" or (fmt is None and dst.lower().endswith(".gguf"))):
+            raise UserError("--quant applies to GGUF output (.gguf or --format gguf); for rwkv.cpp use --rwkvcpp-type")
+        options["quant"] = quant
+    if cpp_type:
+        if (fmt or "") not in ("", "rwkvcpp") or not (fmt == "rwkvcpp" or dst.lower().endswith(".bin")):
+            raise UserError("--rwkvcpp-type applies to rwkv.cpp output (.bin or --format rwkvcpp)")
+        options["data_type"] = cpp_type
+    report = do_convert(src, dst, to=to, format=fmt, dtype=dtype, force=opts.get("force", False),
+                        rescale_every=rescale_every, progress=progress, **options)
+    if not opts.get("no_validate"):
+        from ..io import read_checkpoint
+        from ..transforms import prepare_for_model
+        from ..transforms.convert import compare_checkpoints
+        from .common import run_validation
+        before, after = prepare_for_model(read_checkpoint(src)), prepare_for_model(read_checkpoint(dst))
+        report["tensors_compared"] = compare_checkpoints(before, after)
+        report["validation"] = run_validation(before, after, opts)
+    tc = report.get("tensors_compared")
+    lines = [f"{report['source_format']} ({report['form_before']}) -> {report['format']} ({report['form_after']}), "
+             f"RWKV v{report['version']}, {report['params']:,} parameters, dtype {report['dtype']}",
+             f"{report['bytes_src']:,} -> {report['bytes_dst']:,} bytes in {report['seconds']:.2f} s"]
+    if tc:
+        if tc["max_abs_diff"] == 0:
+            lines.append(f"tensors: all {tc['compared']} read back identical")
+        else:
+            lines.append(f"tensors: {tc['identical']}/{tc['compared']} identical, max |diff| "
+                         f"{tc['max_abs_diff']:.3g} ({tc['max_abs_diff_tensor']})")
+        if tc.get("only_in_source"):
+            lines.append(f"not in output (unused by every runtime): {', '.join(tc['only_in_source'][:6])}")
+    print_summary(f"wrote {dst}", report, opts.get("as_json"), lines)
+    finish(report, opts)

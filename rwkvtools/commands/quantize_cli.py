@@ -1,0 +1,160 @@
+"""``rwkvtools quantize``: int8 / int4 weights in rwkvtools' format, or ggml's block formats in an
+rwkv.cpp ``.bin``, by round-to-nearest or GPTQ; a thin layer over rwkvtools.transforms.quantize."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import click
+
+from ..cli import UserError, handle_errors, main
+from .common import finish, output_guard, print_summary, run_validation, validation_options
+
+SCHEME_CHOICES = ["int8", "int4", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+
+
+@main.command()
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--scheme", required=True, type=click.Choice(SCHEME_CHOICES),
+              help="int8: symmetric per output channel; int4: groups of --group-size input columns with an "
+                   "fp16 scale and zero point; Q4_0..Q8_0: ggml blocks in an rwkv.cpp .bin.")
+@click.option("--method", type=click.Choice(["rtn", "gptq"]), default=None,
+              help="rtn: round to nearest; gptq: error compensation with the inverse Hessian of each "
+                   "layer's inputs on calibration text. Default: gptq when --calib is given, else rtn.")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              help="int4 only: input columns per scale/zero point (4 + 32/G bits per weight).")
+@click.option("--calib", type=click.Path(), default=None,
+              help="Calibration text for gptq (default: the packaged calibration text, disjoint from the "
+                   "default held-out text). Use text that is not your --eval-text.")
+@click.option("--calib-tokens", type=int, default=8192, show_default=True, help="Calibration tokens to use.")
+@click.option("--skip", multiple=True, metavar="GLOB",
+              help="Keep matching tensors in high precision (tensor name or linear prefix, e.g. "
+                   "'blocks.0.*' or '*.ffn.value.weight'); repeatable; wins over --include.")
+@click.option("--include", multiple=True, metavar="GLOB",
+              help="Also quantize matching linears that stay by default (int8/int4; e.g. 'head.weight'); "
+                   "repeatable.")
+@click.option("--act-order/--no-act-order", default=False, show_default=True,
+              help="gptq: quantize columns by decreasing input energy (groups fixed beforehand).")
+@click.option("--clip/--no-clip", default=False, show_default=True,
+              help="Search a shrunk range per group that rounds with the least error (int8/int4, and "
+                   "ggml formats with gptq).")
+@click.option("--damp", type=float, default=0.01, show_default=True,
+              help="gptq: Hessian dampening, relative to the mean input energy.")
+@click.option("--chunk-len", type=int, default=512, show_default=True, help="Tokens per forward during calibration.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: in a terminal).")
+@validation_options
+def quantize(src, dst, **opts):
+    """Quantize the weights of SRC and write DST.
+
+    int8/int4 write rwkvtools' packed format (.safetensors or .pth): `rwkvtools eval`,
+    `rwkvtools.load` and `export-onnx` run it with the weights still packed. Q4_0, Q4_1, Q5_0,
+    Q5_1 and Q8_0 write an rwkv.cpp .bin; with rtn the bytes are exactly those of rwkv.cpp's own
+    quantizer, with gptq they are better blocks that rwkv.cpp loads as they are.
+
+    Kept in high precision by default: embedding, head, 1-D/3-D tensors, decays and bonuses,
+    token-shift mixes, norms and the small v6/v7 LoRA matrices (ggml formats: rwkv.cpp's own
+    rule). `rwkvtools inspect DST --json` shows per tensor what was done.
+
+    Perplexity is measured before and after on a held-out text; --max-ppl-increase turns it into
+    a gate (exit 1, the report still written, DST not written).
+
+    \b
+    Examples:
+      rwkvtools quantize ../shared/fixtures/tiny-rwkv-5v2-730K-FP32.bin /tmp/q8.safetensors --scheme int8
+      rwkvtools quantize ../shared/fixtures/tiny-rwkv-5v2-730K-FP32.bin /tmp/q4.safetensors --scheme int4 \\
+          --calib ../shared/data/wikitext-2-valid.txt --eval-text ../shared/data/wikitext-2-test.txt \\
+          --eval-tokens 8192 --max-ppl-increase 5 --json --force
+      rwkvtools quantize ../shared/fixtures/tiny-rwkv-7v0-834K-FP32.bin /tmp/tiny7-Q5_1.bin --scheme Q5_1
+      rwkvtools quantize ../shared/fixtures/tiny-rwkv-5v2-730K-FP32.bin /tmp/q40.bin --scheme Q4_0 --method gptq
+      rwkvtools quantize ../shared/fixtures/tiny-rwkv-7v0-834K.pth /tmp/q7.safetensors --scheme int4 \\
+          --group-size 32 --skip 'blocks.0.*' --include head.weight
+      rwkvtools inspect /tmp/q8.safetensors
+    """
+    handle_errors(_quantize)(src, dst, opts)
+
+
+def _quantize(src, dst, opts):
+    from ..io import read_checkpoint
+    from ..spec import detect
+    from ..transforms import prepare_for_model
+    from ..transforms.quantize import (GGML_SCHEMES, QuantizeConfig, apply, calibration_tokens, plan,
+                                       write_quantized)
+
+    output_guard(src, dst, opts["force"])
+    scheme = opts["scheme"]
+    ext = os.path.splitext(dst)[1].lower()
+    if scheme in GGML_SCHEMES and ext != ".bin":
+        raise UserError(f"{dst}: {scheme} is a ggml block format, written as an rwkv.cpp file: use a .bin output "
+                        "(or --scheme int8/int4 for .safetensors)")
+    if scheme not in GGML_SCHEMES and ext not in (".safetensors", ".pth", ".pt"):
+        raise UserError(f"{dst}: {scheme} is written as .safetensors (or .pth); for an rwkv.cpp .bin use a ggml "
+                        "scheme (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)")
+    if opts["calib_tokens"] < 2:
+        raise UserError("--calib-tokens must be at least 2")
+    if opts["chunk_len"] < 1:
+        raise UserError("--chunk-len must be positive")
+    method = opts["method"] or ("gptq" if opts["calib"] else "rtn")
+    if opts["calib"] and method == "rtn":
+        raise UserError("--calib is only used by --method gptq (rtn needs no calibration)")
+    if opts["act_order"] and method != "gptq":
+        raise UserError("--act-order applies to --method gptq")
+    cfg = QuantizeConfig(scheme=scheme, method=method, group_size=int(opts["group_size"]),
+                         skip=tuple(opts["skip"]), include=tuple(opts["include"]),
+                         calib_tokens=opts["calib_tokens"], chunk_len=opts["chunk_len"], damp=opts["damp"],
+                         act_order=opts["act_order"], clip=opts["clip"])
+    progress = opts["progress"] if opts["progress"] is not None else sys.stderr.isatty()
+    t0 = time.perf_counter()
+    before = prepare_for_model(read_checkpoint(src))
+    spec = detect(before.tensors, before.manifest)
+    p = plan(before, cfg)
+    for w in p["warnings"]:
+        click.echo(f"warning: {w}", err=True)
+    calib = None
+    if method == "gptq":
+        calib = calibration_tokens(opts["calib"], spec.vocab, cfg.calib_tokens, opts["tokenizer"], opts["encoding"])
+    after = apply(before, p, calib, progress=progress)
+    t_transform = time.perf_counter() - t0
+
+    validation = run_validation(before, after, opts)
+    passed = validation is None or validation.get("passed", True)
+    size = None
+    if passed:
+        write_quantized(after, dst, progress=progress)
+        size = os.path.getsize(dst)
+    src_size = os.path.getsize(src) if os.path.isfile(src) else None
+    q = after.manifest["quantized"]
+    if validation is not None and size is not None:
+        validation["bytes_after"] = size  # the file as written (ggml views hold dequantized values)
+    report = {
+        "command": "quantize", "src": src, "dst": dst, "written": passed, "version": spec.version,
+        "config": cfg.to_dict(),
+        "calibration": None if calib is None else {"text": opts["calib"] or "(packaged calib.txt)",
+                                                   "tokens": len(calib)},
+        "format": "rwkv.cpp" if scheme in GGML_SCHEMES else ext.lstrip("."),
+        "bits_per_weight": q["bits_per_weight"], "quantized_params": q["quantized_params"],
+        "quantized_bytes_before": q["quantized_bytes_before"], "quantized_bytes_after": q["quantized_bytes_after"],
+        "file_bytes_before": src_size, "file_bytes_after": size,
+        "tensors": q["tensors"], "kept": q["kept"], "warnings": p["warnings"],
+        "seconds_transform": t_transform, "validation": validation,
+    }
+    if validation is not None:
+        report["ppl_before"] = validation["ppl_before"]
+        report["ppl_after"] = validation["ppl_after"]
+    errs = [v["rel_error"] for v in q["tensors"].values()]
+    lines = [f"{len(q['tensors'])} matrices, {q['quantized_params']:,} weights -> {scheme}"
+             f"{' g' + str(cfg.group_size) if scheme == 'int4' else ''} by {method}: "
+             f"{q['bits_per_weight']:.3f} bits per weight; {len(q['kept'])} tensors kept in high precision",
+             f"quantized matrices {_mb(q['quantized_bytes_before'])} -> {_mb(q['quantized_bytes_after'])}; "
+             f"relative weight error mean {sum(errs) / len(errs):.4g}, max {max(errs):.4g}; {t_transform:.1f} s",
+             (f"wrote {dst} ({_mb(size)}" + (f", source {_mb(src_size)})" if src_size else ")")) if passed
+             else f"NOT written (gate failed): {dst}"]
+    print_summary(f"quantize {src} -> {dst}", report, opts["as_json"], lines)
+    finish(report, opts)
+
+
+def _mb(n) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n / 1e3:.1f} KB"

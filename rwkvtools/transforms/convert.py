@@ -1,0 +1,226 @@
+"""``convert``: any readable checkpoint -> any writable format, form and dtype, streamed tensor by
+tensor. The library function behind ``rwkvtools convert`` (and recipe steps)."""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+
+from ..checkpoint import Checkpoint, LazyTensors, tensor_dtype, tensor_shape
+from ..errors import RwkvToolsError, SpecError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FORMS = ("parallel", "rnn")
+# formats whose layout fixes the form: rwkv.cpp stores its own inference form, the others training form
+_FIXED_FORM = {"rwkvcpp": "rnn", "hf": "parallel", "gguf": "parallel"}
+# training-form tensors the runtimes keep in fp32 whatever the weight dtype (decays, bonuses)
+_KEEP_FP32 = ("time_decay", "time_first", "time_faaaa", "r_k", "w0")
+
+
+def keeps_fp32(name: str, shape: tuple) -> bool:
+    """True for tensors that stay float32 under --dtype fp16/bf16: vectors (at most one
+    dimension > 1: norms, token-shift, per-channel parameters) and decays/bonuses, as ChatRWKV
+    and rwkv.cpp keep them. Matrices (linears, embedding, head, LoRA) take the target dtype."""
+    if sum(1 for d in shape if d > 1) <= 1:
+        return True
+    last = name.rsplit(".", 1)[-1]
+    return last in _KEEP_FP32
+
+
+def cast(ckpt: Checkpoint, dtype: str | torch.dtype) -> Checkpoint:
+    """Matrices to ``dtype``, the keeps_fp32 tensors to float32; lazy. Training form only."""
+    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if ckpt.form != "parallel":
+        raise SpecError("cast works on the training form; convert to parallel first")
+    src = ckpt.tensors
+    names = list(src)
+    target = {}
+    for k in names:
+        cur = tensor_dtype(src, k)
+        if not cur.is_floating_point:
+            target[k] = cur
+        else:
+            target[k] = torch.float32 if keeps_fp32(k, tuple(tensor_shape(src, k))) else dt
+    changed = [k for k in names if target[k] != tensor_dtype(src, k)]
+    if not changed:
+        return ckpt
+
+    def load(k):
+        x = src[k]
+        return x if x.dtype == target[k] else x.to(target[k])
+
+    shapes = {k: tuple(tensor_shape(src, k)) for k in names}
+    entry = {"transform": "cast", "options": {"dtype": str(dt).replace("torch.", "")},
+             "result": {"tensors_changed": len(changed)}}
+    return ckpt.with_tensors(LazyTensors(names, load, shapes, target), entry,
+                             dtype=str(dt).replace("torch.", ""))
+
+
+def check_layout(ckpt: Checkpoint) -> None:
+    """Refuse unknown keys and mismatched shapes with a message naming the tensor (training
+    form; linear prefixes may hold any representation the model knows, e.g. low-rank)."""
+    from ..spec import detect, layout, linear_prefixes, linear_shape
+    t = ckpt.tensors
+    spec = detect(t)
+    lay = layout(spec)
+    lin = linear_prefixes(spec)
+    lin_set = set(lin)
+    problems = []
+    for k in t:
+        if k in lay:
+            want, _ = lay[k]
+            have = tuple(tensor_shape(t, k))
+            if not want:
+                continue
+            vec = sum(1 for d in want if d > 1) <= 1
+            if have != want and not (vec and sum(1 for d in have if d > 1) <= 1 and math.prod(have) == math.prod(want)):
+                problems.append(f"'{k}' has shape {have}, expected {want} (from the detected RWKV {spec.version} "
+                                f"layout: n_embd {spec.n_embd}, heads {spec.n_head}x{spec.head_size}, ffn {spec.ffn_dim})")
+            continue
+        prefix = k.rsplit(".", 1)[0]
+        if prefix in lin_set:
+            continue  # another representation of a linear (low-rank factors, quantized, ...)
+        problems.append(f"'{k}' is not a tensor of the RWKV {spec.version} layout")
+    for k, (_, req) in lay.items():
+        if not req or k in t:
+            continue
+        prefix = k.rsplit(".", 1)[0]
+        if k.endswith(".weight") and prefix in lin_set and linear_shape(t, prefix) is not None:
+            continue
+        problems.append(f"'{k}' is missing")
+    for p in lin:
+        s = linear_shape(t, p)
+        want = lay.get(p + ".weight", ((), False))[0]
+        if s is not None and want and tuple(s) != tuple(want):
+            problems.append(f"linear '{p}' is {tuple(s)}, expected {tuple(want)}")
+    if problems:
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise SpecError(f"{len(problems)} problem(s) with the checkpoint's tensors: " + "; ".join(problems[:8]) + more)
+
+
+def _same_path(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def convert(src_path: str, dst_path: str, to: str | None = None, format: str | None = None,
+            dtype: str | None = None, force: bool = False, rescale_every: int | None = None,
+            progress: bool | None = None, **writer_options) -> dict:
+    """Convert ``src_path`` to ``dst_path``; returns a report dict.
+
+    ``to``: "parallel" | "rnn" | None (keep the source's form). Only .pth and .safetensors hold
+    either form; rwkv.cpp files are always rwkv.cpp's inference form and Hugging Face folders and
+    GGUF the training form (asking for the other one is an error).
+    ``format``: pth | safetensors | rwkvcpp | hf | gguf (default: from DST's extension).
+    ``dtype``: fp32 | fp16 | bf16 for the matrices (vectors and decays stay fp32); rwkv.cpp maps
+    fp32/fp16 to its FP32/FP16 types (``writer_options`` may give ``data_type`` instead), GGUF
+    passes it to its writer, which applies llama.cpp's rules.
+    ``rescale_every``: fp16 residual rescale stored in the RNN form (0 = none; default: keep the
+    source's, else 0). ``writer_options`` go to the format's writer.
+    Never overwrites SRC; refuses an existing DST unless ``force``; writes atomically."""
+    from ..io import read_checkpoint
+    from ..io.writers import WRITABLE, format_from_path, write_checkpoint
+    from . import prepare_for_model
+    from .rnn_form import to_rnn
+
+    if not os.path.exists(src_path):
+        raise RwkvToolsError(f"{src_path}: no such file or folder")
+    if _same_path(src_path, dst_path):
+        raise RwkvToolsError(f"{dst_path} is the input; write to another path (convert never overwrites its input)")
+    if os.path.exists(dst_path) and not force:
+        raise RwkvToolsError(f"{dst_path} exists; pass --force to overwrite it")
+    if os.path.isdir(dst_path):
+        from ..io.hf import check_replaceable
+        check_replaceable(dst_path, src_path)
+    fmt = format or format_from_path(dst_path)
+    if fmt not in WRITABLE:
+        raise RwkvToolsError(f"unknown output format '{fmt}'; known: {', '.join(WRITABLE)}")
+    if to is not None and to not in FORMS:
+        raise RwkvToolsError(f"--to must be one of {', '.join(FORMS)}, got '{to}'")
+    if dtype is not None and dtype not in DTYPES:
+        raise RwkvToolsError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    fixed = _FIXED_FORM.get(fmt)
+    if fixed and to is not None and to != fixed:
+        what = "rwkv.cpp's own inference form" if fmt == "rwkvcpp" else "the training (parallel) form"
+        raise RwkvToolsError(f"the {fmt} format always stores {what}; --to {to} applies to .pth and .safetensors")
+    if rescale_every is not None and rescale_every < 0:
+        raise RwkvToolsError("--rescale-every must be >= 0")
+
+    t0 = time.perf_counter()
+    src = read_checkpoint(src_path)
+    src_form = src.form
+    target_form = to or (src_form if fmt in ("pth", "safetensors") else fixed)
+    if rescale_every and target_form != "rnn":
+        raise RwkvToolsError("--rescale-every applies to the RNN form (--to rnn)")
+    ck = prepare_for_model(src)
+    check_layout(ck)
+    from ..spec import detect
+    spec = detect(ck.tensors)
+    options = dict(writer_options)
+    if fmt == "rwkvcpp":
+        if dtype == "bf16":
+            raise RwkvToolsError("rwkv.cpp files have no bf16 type; use --dtype fp32 or fp16")
+        if dtype and "data_type" not in options:
+            options["data_type"] = dtype.upper()
+        dtype = None  # the rwkv.cpp writer applies its own per-tensor rules
+    elif fmt == "gguf":
+        if dtype and "dtype" not in options:
+            options["dtype"] = dtype  # the GGUF writer applies llama.cpp's own F32 rules
+        dtype = options.get("dtype")
+    elif dtype:
+        ck = cast(ck, dtype)
+    if target_form == "rnn" and fmt in ("pth", "safetensors"):
+        if rescale_every is None:
+            rescale_every = (src.manifest.get("rnn") or {}).get("rescale_every", 0) if src_form == "rnn" else 0
+        ck = to_rnn(ck, rescale_every)
+    options["progress"] = progress
+    write_checkpoint(ck, dst_path, fmt, **options)
+    dt = time.perf_counter() - t0
+    return {"src": src_path, "dst": dst_path, "format": fmt, "version": spec.version,
+            "form_before": src_form, "form_after": target_form,
+            "dtype": dtype or options.get("data_type") or "unchanged",
+            "tensors": len(ck.tensors), "params": ck.num_params(),
+            "bytes_src": _size(src_path), "bytes_dst": _size(dst_path), "seconds": dt,
+            "source_format": (src.manifest.get("source_format") or {}).get("format", _sniff(src_path))}
+
+
+def _sniff(path: str) -> str:
+    from ..io import sniff
+    return sniff(path)
+
+
+def _size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def compare_checkpoints(a: Checkpoint, b: Checkpoint) -> dict:
+    """Tensor by tensor (training form, float32): how far ``b`` is from ``a``. Tensors only one
+    side has are listed (e.g. v7 layer 0's unused value-residual copies, which FLA drops)."""
+    from . import prepare_for_model
+    a, b = prepare_for_model(a), prepare_for_model(b)
+    only_a = [k for k in a.tensors if k not in b.tensors]
+    only_b = [k for k in b.tensors if k not in a.tensors]
+    worst, worst_name, identical, n = 0.0, None, 0, 0
+    for k in a.tensors:
+        if k not in b.tensors:
+            continue
+        x, y = a.tensors[k], b.tensors[k]
+        n += 1
+        if tuple(x.shape) != tuple(y.shape):
+            return {"compared": n, "identical": identical, "shape_mismatch": k, "max_abs_diff": math.inf}
+        if x.dtype == y.dtype and torch.equal(x, y):
+            identical += 1
+            continue
+        d = float((x.float() - y.float()).abs().max()) if x.numel() else 0.0
+        if d == 0.0:
+            identical += 1
+        if d > worst or worst_name is None:
+            worst, worst_name = d, k
+    return {"compared": n, "identical": identical, "max_abs_diff": worst,
+            "max_abs_diff_tensor": worst_name if worst > 0 else None,
+            "only_in_source": only_a, "only_in_output": only_b}

@@ -1,0 +1,553 @@
+"""Weight quantization: int8, int4 (rwkvtools' packed format) and ggml's block formats (rwkv.cpp
+``.bin``), by round-to-nearest or GPTQ.
+
+Schemes
+* ``int8``: symmetric, one float32 scale per output channel (8 + 32/in bits per weight).
+* ``int4``: asymmetric per group of ``group_size`` (32/64/128) input columns, fp16 scale and
+  fp16 integer zero point per group, two values per byte (4 + 32/G bits per weight).
+* ``Q4_0 Q4_1 Q5_0 Q5_1 Q8_0``: ggml's blocks of 32, exactly as ggml's reference quantizer
+  (``rtn``: byte for byte what rwkv.cpp's quantizer writes), written as an rwkv.cpp ``.bin``.
+
+What is quantized
+* int8/int4: the attention and channel-mix matrices (every ``blocks.i.{att,ffn}.*.weight``
+  linear); kept in high precision: embedding, head, every 1-D and 3-D tensor, decays, bonuses,
+  token-shift mixes, norms and the small LoRA matrices of v6/v7 (the rule the RWKV runtimes
+  share). ``include`` adds linears (e.g. ``head.weight``); ``skip`` removes tensors (skip wins).
+* ggml: rwkv.cpp's own rule (``io.rwkvcpp.needs_quant``: 2-D in the file except emb/head and the
+  v7 LoRA/r_k), so that the files match rwkv.cpp's; ``skip`` may keep some of them.
+
+Methods: ``rtn`` rounds every group on the original weights; ``gptq`` quantizes each linear's
+columns in order and compensates the rounding error on the remaining columns with the inverse
+Hessian of its inputs (``rwkvtools.gptq``), with the inputs collected block by block through the
+model on calibration text (``rwkvtools.calibrate``, sequentially: block i+1 is calibrated on the
+outputs of the already quantized block i). Matrices the model does not run as linears (the v6
+LoRA matrices rwkv.cpp quantizes) and the head use rtn.
+
+API::
+
+    cfg = QuantizeConfig(scheme="int4", method="gptq", group_size=64)
+    p = plan(ckpt, cfg)                          # JSON-able: per tensor what will be done
+    out = apply(ckpt, p, calib_tokens)           # deterministic given the plan and the tokens
+    out = quantize(ckpt, cfg, calib_tokens)      # both
+    write_quantized(out, "model-int4.safetensors")   # or "model-Q5_1.bin" for ggml schemes
+
+The result carries one history entry and a ``quantized`` summary (per tensor: scheme, method,
+bits per weight, relative error) in the manifest, which ``rwkvtools inspect`` shows.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from ..checkpoint import Checkpoint, LazyTensors, tensor_dtype, tensor_shape
+from ..gptq import Grid, QuantizeError, gptq, make_grid, output_rel_error, rtn
+from ..io import ggml_quants
+from ..model.quantized import pack_int4, stored_kind
+
+INT_SCHEMES = ("int8", "int4")
+GGML_SCHEMES = tuple(ggml_quants.BLOCK_TYPES)
+SCHEMES = INT_SCHEMES + GGML_SCHEMES
+METHODS = ("rtn", "gptq")
+GROUP_SIZES = (32, 64, 128)
+PLAN_FORMAT = 1
+# rwkv.cpp's converter stores these (2-D, quantized by its rule) transposed (io/rwkvcpp.py)
+V6_TRANSPOSED = ("time_maa_w1", "time_decay_w1", "time_decay_w2")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    scheme: str                      # int8 | int4 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0
+    method: str = "rtn"              # rtn | gptq
+    group_size: int = 64             # int4 only: 32 | 64 | 128 input columns per scale/zero
+    skip: tuple = ()                 # globs of tensor names (or linear prefixes) to keep
+    include: tuple = ()              # globs of extra linears to quantize (int8/int4)
+    calib_tokens: int = 8192         # gptq: calibration tokens
+    chunk_len: int = 512             # gptq: tokens per forward call during calibration
+    damp: float = 0.01               # gptq: Hessian dampening, relative to mean(diag H)
+    block: int = 128                 # gptq: columns updated lazily together (speed only)
+    act_order: bool = False          # gptq: columns by decreasing input energy (static groups)
+    clip: bool = False               # search a shrunk range per group (gptq; rtn for int8/int4)
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise QuantizeError(f"unknown scheme {self.scheme!r}; known: {', '.join(SCHEMES)}")
+        if self.method not in METHODS:
+            raise QuantizeError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
+        if self.scheme == "int4" and self.group_size not in GROUP_SIZES:
+            raise QuantizeError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size!r}")
+        for k in ("skip", "include"):
+            v = getattr(self, k)
+            if isinstance(v, str) or not all(isinstance(g, str) and g for g in v):
+                raise QuantizeError(f"{k} must be a list of non-empty glob strings, got {v!r}")
+            object.__setattr__(self, k, tuple(v))
+        if self.include and self.scheme in GGML_SCHEMES:
+            raise QuantizeError("--include is not available for ggml formats: rwkv.cpp's quantizer rule decides "
+                                "which tensors are quantized (and rwkv.cpp's writer accepts blocks only for those); "
+                                "use --skip to keep some of them")
+        if not isinstance(self.calib_tokens, int) or self.calib_tokens < 2:
+            raise QuantizeError(f"calib_tokens must be an integer >= 2, got {self.calib_tokens!r}")
+        if not isinstance(self.chunk_len, int) or self.chunk_len < 1:
+            raise QuantizeError(f"chunk_len must be a positive integer, got {self.chunk_len!r}")
+        if not isinstance(self.damp, (int, float)) or not math.isfinite(self.damp) or self.damp <= 0:
+            raise QuantizeError(f"damp must be a finite number > 0, got {self.damp!r}")
+        if not isinstance(self.block, int) or self.block < 1:
+            raise QuantizeError(f"block must be a positive integer, got {self.block!r}")
+        if self.clip and self.method == "rtn" and self.scheme in GGML_SCHEMES:
+            raise QuantizeError("clip with rtn is not available for ggml formats: rtn writes exactly the bytes of "
+                                "ggml's reference quantizer; use --method gptq for searched block scales")
+
+    @property
+    def is_ggml(self) -> bool:
+        return self.scheme in GGML_SCHEMES
+
+    def grid(self) -> Grid:
+        return make_grid(self.scheme, self.group_size)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["skip"], d["include"] = list(self.skip), list(self.include)
+        if self.scheme != "int4":
+            d.pop("group_size")
+        if self.method == "rtn":
+            for k in ("calib_tokens", "chunk_len", "damp", "block", "act_order"):
+                d.pop(k)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantizeConfig":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        for k in ("skip", "include"):
+            if k in known:
+                known[k] = tuple(known[k])
+        return cls(**known)
+
+
+# ------------------------------------------------------------------------------- what stays
+def keep_reason(name: str, shape: tuple) -> str:
+    """Why a tensor stays in high precision under the default int8/int4 rule."""
+    last = name.rsplit(".", 1)[-1]
+    if last in ("weight_u", "weight_v"):
+        return "low-rank factor (factored linears are not quantized)"
+    if name == "emb.weight":
+        return "embedding"
+    if name == "head.weight":
+        return "head"
+    if ".ln" in name or name.startswith("ln_"):
+        return "norm"
+    if any(s in name for s in (".time_mix", ".time_maa_")) and not last.endswith(("w1", "w2")) \
+            or last in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "x_rwkvag"):
+        return "token-shift mix"
+    if last in ("time_decay", "time_first", "time_faaaa", "w0", "a0", "v0", "k_k", "k_a", "r_k"):
+        return "decay / bonus / per-channel vector"
+    if last.endswith(("w1", "w2")) or last in ("a1", "a2", "v1", "v2", "g1", "g2"):
+        return "small LoRA matrix"
+    if len(shape) != 2:
+        return f"{len(shape)}-D tensor"
+    return "not a linear layer"
+
+
+def _match(globs, name: str, prefix: str | None = None) -> str | None:
+    for g in globs:
+        if fnmatch.fnmatchcase(name, g) or (prefix is not None and fnmatch.fnmatchcase(prefix, g)):
+            return g
+    return None
+
+
+def _prefix_of(name: str) -> str | None:
+    return name[:-len(".weight")] if name.endswith(".weight") else None
+
+
+# ----------------------------------------------------------------------------------------- plan
+def _model_view(ckpt: Checkpoint) -> Checkpoint:
+    from . import prepare_for_model
+    return prepare_for_model(ckpt)
+
+
+def _refuse_quantized(tensors) -> None:
+    for k in tensors:
+        if k.endswith((".weight_int8", ".weight_int4")):
+            raise QuantizeError(f"this checkpoint is already quantized ('{k}'); quantize the original "
+                                "(dense) checkpoint instead")
+
+
+def _file_shapes(view: Checkpoint, spec) -> dict[str, tuple]:
+    """Shapes in rwkv.cpp's file layout of every tensor that is 2-D in the training form (the only
+    ones that can be 2-D in the file; v5 decays become 3-D, v6 LoRA matrices are transposed)."""
+    from ..io import rwkvcpp
+    check = getattr(rwkvcpp, "_check_writable", None)
+    if check is not None:
+        check(view)  # refuse layouts rwkv.cpp cannot load before any work is done
+    out = {}
+    t = view.tensors
+    for name, make in rwkvcpp.file_records(view):
+        if name in t and len(tensor_shape(t, name)) == 2:
+            out[name] = tuple(make().shape)  # one tensor at a time
+    return out
+
+
+def _base_type(view: Checkpoint) -> str:
+    """rwkv.cpp base type of the non-quantized tensors: FP16 when the matrices are stored in 16
+    bits (the FP16 file rwkv.cpp's quantizer would have read), else FP32."""
+    sf = view.manifest.get("source_format") or {}
+    if sf.get("format") == "rwkvcpp":
+        return "FP16" if sf.get("data_type") == "FP16" else "FP32"
+    t = view.tensors
+    if "blocks.0.ffn.key.weight" in t and tensor_dtype(t, "blocks.0.ffn.key.weight") in (torch.float16, torch.bfloat16):
+        return "FP16"
+    return "FP32"
+
+
+def plan(ckpt: Checkpoint, config: QuantizeConfig) -> dict:
+    """Decide per tensor what is quantized (and how) and what stays, with the reason; JSON-able."""
+    from ..spec import detect, linear_prefixes
+    if not isinstance(config, QuantizeConfig):
+        raise QuantizeError("config must be a QuantizeConfig")
+    view = _model_view(ckpt)
+    t = view.tensors
+    _refuse_quantized(t)
+    spec = detect(t, view.manifest)
+    grid = config.grid()
+    linears = {f"{p}.weight": p for p in linear_prefixes(spec) if f"{p}.weight" in t}
+    tensors: dict[str, dict] = {}
+    kept: dict[str, str] = {}
+    used_skip, used_include = set(), set()
+    if config.is_ggml:
+        fshape = _file_shapes(view, spec)
+        from ..io.rwkvcpp import needs_quant
+        for name in t:
+            shape = tuple(tensor_shape(t, name))
+            fs = fshape.get(name)
+            if fs is None or not needs_quant(name, len(fs)):
+                kept[name] = keep_reason(name, shape) if name not in fshape else "kept by rwkv.cpp's quantizer rule"
+                continue
+            g = _match(config.skip, name, _prefix_of(name))
+            if g:
+                used_skip.add(g)
+                kept[name] = f"--skip {g}"
+                continue
+            if fs[1] % 32:
+                raise QuantizeError(grid._bad_row(name, fs, 32))
+            lin = linears.get(name)
+            tensors[name] = {"prefix": lin, "shape": list(fs), "layout": "transposed" if (spec.major == 6 and name.rsplit(".", 1)[-1] in V6_TRANSPOSED) else "same",
+                             "method": config.method if lin and lin != "head" else "rtn"}
+    else:
+        for name in t:
+            shape = tuple(tensor_shape(t, name))
+            p = linears.get(name)
+            default = p is not None and p != "head" and len(shape) == 2
+            inc = _match(config.include, name, _prefix_of(name))
+            if inc:
+                used_include.add(inc)
+                if p is None or len(shape) != 2:
+                    raise QuantizeError(f"--include {inc} matches '{name}', which is not a linear layer: int8/int4 "
+                                        "can only store linears (attention/FFN matrices and head.weight); "
+                                        f"it stays in high precision ({keep_reason(name, shape)})")
+            if not (default or inc):
+                kept[name] = keep_reason(name, shape)
+                continue
+            g = _match(config.skip, name, p)
+            if g:
+                used_skip.add(g)
+                kept[name] = f"--skip {g}"
+                continue
+            grid.check(name, shape)
+            tensors[name] = {"prefix": p, "shape": list(shape),
+                             "method": config.method if p != "head" else "rtn"}
+    warnings = [f"--skip {g} matches no tensor that would be quantized" for g in config.skip if g not in used_skip]
+    warnings += [f"--include {g} matches no tensor" for g in config.include if g not in used_include]
+    if not tensors:
+        raise QuantizeError("nothing to quantize: every tensor is kept (check --skip)")
+    n_q = sum(math.prod(e["shape"]) for e in tensors.values())
+    bits_q = sum(grid.bits_per_weight(e["shape"][1]) * math.prod(e["shape"]) for e in tensors.values())
+    out = {"transform": "quantize", "plan_format": PLAN_FORMAT, "version": spec.version,
+           "config": config.to_dict(), "tensors": tensors, "kept": kept,
+           "quantized_params": n_q, "bits_per_weight": bits_q / n_q, "warnings": warnings}
+    if config.is_ggml:
+        out["base_type"] = _base_type(view)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- apply
+def _tokens_digest(tokens) -> str:
+    tt = torch.as_tensor(tokens, dtype=torch.int64).flatten().contiguous()
+    return hashlib.sha256(tt.numpy().tobytes()).hexdigest()
+
+
+def _bar(total: int, desc: str, enabled: bool, unit: str):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
+
+
+@dataclass
+class _Result:
+    method: str
+    q: torch.Tensor | None = None          # integers (out, in) (int8/int4/ggml-gptq)
+    params: list = field(default_factory=list)
+    deq: torch.Tensor | None = None        # dequantized, training layout, float32
+    blocks: np.ndarray | None = None       # ggml bytes (file layout)
+    rel_error: float = 0.0
+    output_rel_error: float | None = None
+
+
+def _weight(view: Checkpoint, name: str, base: str | None) -> torch.Tensor:
+    w = view.tensors[name]
+    if base == "FP16":
+        w = w.half()
+    return w.float()
+
+
+def _file_layout(name: str, w: torch.Tensor, entry: dict) -> torch.Tensor:
+    return w.t().contiguous() if entry.get("layout") == "transposed" else w
+
+
+def _rel(w: torch.Tensor, d: torch.Tensor) -> float:
+    n = float(w.double().norm())
+    return float((w.double() - d.double()).norm()) / n if n > 0 else float((d.double()).norm())
+
+
+def _rtn_one(view, name, entry, cfg: QuantizeConfig, grid: Grid, base) -> _Result:
+    w = _weight(view, name, base)
+    if cfg.is_ggml:
+        wf = _file_layout(name, w, entry)
+        blocks = ggml_quants.quantize(cfg.scheme, wf.numpy())
+        dq = torch.from_numpy(ggml_quants.dequantize(cfg.scheme, blocks, wf.numel())).reshape(wf.shape)
+        dq = _file_layout(name, dq, entry)  # transposing twice restores the training layout
+        return _Result("rtn", blocks=blocks, deq=dq, rel_error=_rel(w, dq))
+    q, ps, dq = rtn(w, grid, clip=cfg.clip)
+    return _Result("rtn", q=q, params=ps, deq=dq, rel_error=_rel(w, dq))
+
+
+def apply(ckpt: Checkpoint, plan: dict, calib_tokens=None, progress: bool = False) -> Checkpoint:
+    """Quantize every tensor of ``plan`` (deterministic given the plan and the calibration tokens).
+    Returns a new checkpoint; the input is untouched."""
+    if not isinstance(plan, dict) or plan.get("transform") != "quantize" or "tensors" not in plan:
+        raise QuantizeError("not a quantize plan (expected a dict from quantize.plan())")
+    if plan.get("plan_format") != PLAN_FORMAT:
+        raise QuantizeError(f"quantize plan format {plan.get('plan_format')} is not supported (expected {PLAN_FORMAT})")
+    cfg = QuantizeConfig.from_dict(plan["config"])
+    grid = cfg.grid()
+    view = _model_view(ckpt)
+    t = view.tensors
+    _refuse_quantized(t)
+    base = plan.get("base_type") if cfg.is_ggml else None
+    entries = plan["tensors"]
+    for name, e in entries.items():
+        if name not in t:
+            raise QuantizeError(f"plan does not fit this checkpoint: it has no tensor '{name}'")
+        shp = tuple(tensor_shape(t, name))
+        want = tuple(e["shape"]) if e.get("layout") != "transposed" else tuple(reversed(e["shape"]))
+        if shp != want:
+            raise QuantizeError(f"plan does not fit this checkpoint: '{name}' is {shp}, the plan says {want}")
+    results: dict[str, _Result] = {}
+    gptq_prefixes = {e["prefix"]: n for n, e in entries.items() if e["method"] == "gptq"}
+    calib = None
+    if gptq_prefixes:
+        if calib_tokens is None:
+            raise QuantizeError("method 'gptq' needs calibration tokens")
+        ntok = int(torch.as_tensor(calib_tokens).numel())
+        if ntok < 2:
+            raise QuantizeError(f"calibration needs at least 2 tokens, got {ntok}")
+        calib = {"tokens": ntok, "sha256": _tokens_digest(calib_tokens)}
+        results.update(_run_gptq(view, entries, gptq_prefixes, calib_tokens, cfg, grid, base, progress))
+    rest = [n for n in entries if n not in results]
+    bar = _bar(len(rest), f"quantize {cfg.scheme} rtn", progress and len(rest) > 8, "tensor")
+    for name in rest:
+        results[name] = _rtn_one(view, name, entries[name], cfg, grid, base)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return _assemble(view, plan, cfg, grid, results, calib)
+
+
+def _run_gptq(view, entries, gptq_prefixes, calib_tokens, cfg, grid, base, progress) -> dict[str, _Result]:
+    from ..calibrate import calibrate_blocks, linears_of
+    from ..model import build_model
+    model = build_model(view, dtype=torch.float32)
+    lins = linears_of(model)
+    out: dict[str, _Result] = {}
+    bar = _bar(model.spec.n_layer, f"quantize {cfg.scheme} gptq", progress, "layer")
+    for _, grams in calibrate_blocks(model, calib_tokens, lambda p: p in gptq_prefixes,
+                                     chunk_len=cfg.chunk_len, sequential=True):
+        for p in sorted(grams):
+            name = gptq_prefixes[p]
+            lin = lins[p]
+            w = _weight(view, name, base)
+            xtx = grams[p].xtx.cpu()
+            q, ps, dq = gptq(w, xtx, grid, damp=cfg.damp, block=cfg.block, act_order=cfg.act_order, clip=cfg.clip)
+            res = _Result("gptq", q=q, params=ps, deq=dq, rel_error=_rel(w, dq),
+                          output_rel_error=output_rel_error(w, dq, xtx))
+            if cfg.is_ggml:
+                res.blocks = grid.pack(q, ps)
+                res.q, res.params = None, []
+            # the rest of the sequence runs through the quantized block (rebinding, not writing
+            # into, the parameter: it may share memory with the input checkpoint)
+            lin.weight.data = dq.to(lin.weight.dtype)
+            out[name] = res
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    missing = [n for n in gptq_prefixes.values() if n not in out]
+    if missing:  # every target is a linear the model runs; this would be a bug
+        raise QuantizeError(f"calibration saw no inputs for {', '.join(missing[:4])}")
+    return out
+
+
+# -------------------------------------------------------------------------------------- storage
+def _stored(cfg: QuantizeConfig, prefix: str, r: _Result) -> dict[str, torch.Tensor]:
+    if cfg.scheme == "int8":
+        return {f"{prefix}.weight_int8": r.q.to(torch.int8).contiguous(),
+                f"{prefix}.weight_scale": r.params[0][0].to(torch.float32).contiguous()}
+    # int4
+    s = torch.stack([p[0] for p in r.params], dim=1).to(torch.float16)
+    z = torch.stack([p[1] for p in r.params], dim=1).to(torch.float16)
+    return {f"{prefix}.weight_int4": pack_int4(r.q).contiguous(),
+            f"{prefix}.weight_scale": s.contiguous(), f"{prefix}.weight_zero": z.contiguous()}
+
+
+class GGMLTensors(LazyTensors):
+    """The tensors of a ggml-quantized checkpoint: quantized tensors read back dequantized (as
+    ``read_checkpoint`` of the written ``.bin`` gives them), with the block bytes in
+    ``ggml_blocks`` ({name: (type, uint8 array)}, rwkv.cpp's file layout) for the writer."""
+
+    def __init__(self, names, loader, shapes, dtypes, blocks: dict, qtype: str, base_type: str):
+        super().__init__(names, loader, shapes, dtypes)
+        self.ggml_blocks = blocks
+        self.ggml_type = qtype
+        self.base_type = base_type
+
+
+def _assemble(view: Checkpoint, plan: dict, cfg: QuantizeConfig, grid: Grid, results: dict[str, _Result],
+              calib: dict | None) -> Checkpoint:
+    src = view.tensors
+    per_tensor = {}
+    bytes_before = bytes_after = 0
+    for name, e in plan["tensors"].items():
+        r = results[name]
+        n = math.prod(e["shape"])
+        bpw = grid.bits_per_weight(e["shape"][1])
+        per_tensor[name] = {"scheme": cfg.scheme, "method": r.method, "shape": e["shape"],
+                            "bits_per_weight": bpw, "rel_error": r.rel_error}
+        if r.output_rel_error is not None:
+            per_tensor[name]["output_rel_error"] = r.output_rel_error
+        bytes_before += n * torch.tensor([], dtype=tensor_dtype(src, name)).element_size()
+        bytes_after += int(round(n * bpw / 8))
+    if cfg.is_ggml:
+        blocks = {n: (cfg.scheme, r.blocks) for n, r in results.items()}
+        deq = {n: r.deq for n, r in results.items()}
+        names = list(src)
+        shapes = {k: tuple(tensor_shape(src, k)) for k in names}
+        dtypes = {k: (torch.float32 if k in deq else tensor_dtype(src, k)) for k in names}
+        tensors = GGMLTensors(names, lambda k: deq[k] if k in deq else src[k], shapes, dtypes,
+                              blocks, cfg.scheme, plan.get("base_type", "FP32"))
+    else:
+        new: dict[str, torch.Tensor] = {}
+        replaced = {}
+        for name, e in plan["tensors"].items():
+            stored = _stored(cfg, e["prefix"], results[name])
+            new.update(stored)
+            replaced[name] = list(stored)
+        names = []
+        for k in src:
+            names.extend(replaced.get(k, [k]))
+        shapes = {k: (tuple(new[k].shape) if k in new else tuple(tensor_shape(src, k))) for k in names}
+        dtypes = {k: (new[k].dtype if k in new else tensor_dtype(src, k)) for k in names}
+        tensors = LazyTensors(names, lambda k: new[k] if k in new else src[k], shapes, dtypes)
+    n_q = plan["quantized_params"]
+    errs = [v["rel_error"] for v in per_tensor.values()]
+    summary_txt = (f"{len(per_tensor)} matrices ({n_q:,} weights) to {cfg.scheme}"
+                   f"{f' g{cfg.group_size}' if cfg.scheme == 'int4' else ''} by {cfg.method}, "
+                   f"{plan['bits_per_weight']:.3f} bits/weight, {len(plan['kept'])} tensors kept; "
+                   f"relative weight error mean {sum(errs) / len(errs):.4g}, max {max(errs):.4g}")
+    summary = {"scheme": cfg.scheme, "method": cfg.method,
+               **({"group_size": cfg.group_size} if cfg.scheme == "int4" else {}),
+               "bits_per_weight": plan["bits_per_weight"], "quantized_params": n_q,
+               "quantized_bytes_before": bytes_before, "quantized_bytes_after": bytes_after,
+               "tensors": per_tensor, "kept": plan["kept"], "summary": summary_txt}
+    if cfg.is_ggml:
+        summary["format"] = "rwkv.cpp"
+        summary["base_type"] = plan.get("base_type", "FP32")
+    entry = {"transform": "quantize", "options": cfg.to_dict(), "calibration": calib,
+             "plan": {k: v for k, v in plan.items() if k not in ("tensors", "kept")},
+             "results": {"rel_error_mean": sum(errs) / len(errs), "rel_error_max": max(errs)}}
+    return view.with_tensors(tensors, entry=entry, quantized=summary)
+
+
+def quantize(ckpt: Checkpoint, config: QuantizeConfig, calib_tokens=None, progress: bool = False) -> Checkpoint:
+    """plan + apply."""
+    return apply(ckpt, plan(ckpt, config), calib_tokens, progress)
+
+
+# ---------------------------------------------------------------------------------------- misc
+def dequantize(ckpt: Checkpoint) -> Checkpoint:
+    """The dense checkpoint the quantized one stands for: every int8/int4 linear replaced by its
+    float32 weight (``P.weight``); ggml-quantized tensors are dense already. For comparisons."""
+    from ..model.quantized import dequantize_linear
+    src = ckpt.tensors
+    names, dense = [], {}
+    done = set()
+    for k in src:
+        p = k.rsplit(".", 1)[0]
+        if stored_kind(src, p):
+            if p not in done:
+                done.add(p)
+                names.append(f"{p}.weight")
+                dense[f"{p}.weight"] = dequantize_linear(src, p)
+            continue
+        names.append(k)
+    manifest = {k: v for k, v in ckpt.manifest.items() if k != "quantized"}
+    return Checkpoint({k: dense[k] if k in dense else src[k] for k in names}, manifest, ckpt.source)
+
+
+def is_ggml(ckpt: Checkpoint) -> bool:
+    return isinstance(ckpt.tensors, GGMLTensors)
+
+
+def write_quantized(ckpt: Checkpoint, path: str, progress: bool | None = None) -> str:
+    """Write a quantized checkpoint: ggml schemes as an rwkv.cpp ``.bin`` (the block bytes as
+    quantized), int8/int4 as ``.safetensors`` (manifest kept) or ``.pth``. Returns the format."""
+    import os
+    ext = os.path.splitext(path)[1].lower()
+    if is_ggml(ckpt):
+        if ext != ".bin":
+            raise QuantizeError(f"{path}: ggml block formats are written as rwkv.cpp files; use a .bin output "
+                                "(or --scheme int8/int4 for .safetensors)")
+        from ..io.rwkvcpp import write_rwkvcpp
+        t = ckpt.tensors
+        kept_quantizable = [n for n, why in (ckpt.manifest.get("quantized") or {}).get("kept", {}).items()
+                            if why.startswith("--skip")]
+        # the header names the block type unless tensors rwkv.cpp would quantize were skipped (the
+        # writer would quantize them under a block data type)
+        dt = t.ggml_type if not kept_quantizable else t.base_type
+        write_rwkvcpp(ckpt, path, data_type=dt, blocks=t.ggml_blocks, base_type=t.base_type, progress=progress)
+        return "rwkvcpp"
+    if ext == ".bin":
+        raise QuantizeError(f"{path}: int8/int4 are rwkvtools formats; write .safetensors (or .pth), or use a "
+                            "ggml scheme (Q4_0 .. Q8_0) for an rwkv.cpp .bin")
+    from ..io.writers import write_checkpoint
+    if ext not in (".safetensors", ".pth", ".pt"):
+        raise QuantizeError(f"{path}: write quantized checkpoints as .safetensors or .pth")
+    return write_checkpoint(ckpt, path)
+
+
+def calibration_tokens(path: str | None, vocab: int, n: int, tokenizer: str = "auto",
+                       encoding: str = "utf-8", tokenizer_file: str | None = None) -> list[int]:
+    """The first ``n`` tokens of a calibration text (default: the packaged calibration text,
+    disjoint from the packaged held-out text)."""
+    from ..validate import text_tokens
+    toks = text_tokens(path, vocab, "calib", tokenizer, n, encoding, tokenizer_file)
+    if len(toks) < 2:
+        raise QuantizeError(f"the calibration text {path or '(packaged)'} gives {len(toks)} tokens; need at least 2")
+    return toks

@@ -1,0 +1,112 @@
+"""Recipes: schema errors are clear, gates fail with exit 1 and a full report, finished stages
+are resumed, the report's figures equal running the commands by hand, and every shipped recipe
+runs on the fixtures with its gates enforced."""
+import json
+import os
+import pathlib
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from rwkvtools.cli import main
+from rwkvtools.recipes import RecipeError, load_recipe
+from conftest import DATA, REPO, fixture_path
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+runner = CliRunner()
+
+
+def write(tmp_path, doc) -> str:
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return str(p)
+
+
+def base(**kw):
+    doc = {"name": "t", "model": fixture_path("tiny-rwkv-5v2-730K-FP32.bin"),
+           "eval": {"text": str(DATA / "wikitext-2-test.txt"), "tokens": 1024},
+           "steps": [{"quantize": {"scheme": "int8"}}]}
+    doc.update(kw)
+    return doc
+
+
+def test_shipped_recipes_exist():
+    names = {p.stem for p in RECIPES}
+    assert {"lowrank-0.32-heal", "recursive-half-lora", "int8", "q5_1-rwkvcpp", "onnx-fp16", "sweep-lowrank"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipe_passes_check(path):
+    res = runner.invoke(main, ["recipe", "check", str(path)])
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda d: d["steps"].append({"frobnicate": {}}), "unknown step 'frobnicate'.*known: convert"),
+    (lambda d: d["steps"][0]["quantize"].update({"bogus-opt": 1}), "unknown option 'bogus-opt'.*allowed:.*scheme"),
+    (lambda d: d["steps"][0]["quantize"].update({"scheme": "int3"}), "option 'scheme'.*int3"),
+    (lambda d: d["steps"][0]["quantize"].update({"group-size": "big"}), "option 'group-size'"),
+    (lambda d: d["steps"].append({"export-onnx": {}, "gates": {"max_logit_drift": 1.0}}),
+     "gate 'max_logit_drift' needs the metric 'logit_drift'"),
+    (lambda d: d["steps"][0].update({"gates": {"max_speed": 1}}), "unknown gate 'max_speed'"),
+    (lambda d: d.update({"colour": "blue"}), "unknown top-level key"),
+    (lambda d: d["steps"][0].update({"sweep": {"scheme": "int8"}}), "non-empty list"),
+])
+def test_schema_errors_are_clear(tmp_path, mutate, match):
+    doc = base()
+    mutate(doc)
+    path = write(tmp_path, doc)
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(path)
+    res = runner.invoke(main, ["recipe", "check", path])
+    assert res.exit_code == 2 and "error:" in res.output and "Traceback" not in res.output
+
+
+def test_failing_gate_exits_1_with_full_report_and_resume(tmp_path):
+    doc = base(gates={"min_size_reduction": 0.99})  # int8 cannot shrink a model by 99%
+    path = write(tmp_path, doc)
+    out = tmp_path / "out"
+    res = runner.invoke(main, ["recipe", "run", path, "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["passed"] is False
+    assert [g["passed"] for g in rep["overall"]["gates"]] == [False]
+    assert (out / "report.md").read_text().count("|") > 10
+    assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    # second run: the finished stage is not recomputed
+    res2 = runner.invoke(main, ["recipe", "run", path, "--out", str(out), "--json"])
+    rep2 = json.loads(res2.output[res2.output.index("{"):])
+    assert rep2["stages"][1]["resumed"] is True
+    assert rep2["stages"][1]["ppl"] == rep["stages"][1]["ppl"]
+
+
+def test_report_figures_equal_commands_by_hand(tmp_path):
+    path = write(tmp_path, base())
+    out = tmp_path / "out"
+    res = runner.invoke(main, ["recipe", "run", path, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    by_hand = tmp_path / "hand.safetensors"
+    r = runner.invoke(main, ["quantize", fixture_path("tiny-rwkv-5v2-730K-FP32.bin"), str(by_hand),
+                             "--scheme", "int8", "--no-validate"])
+    assert r.exit_code == 0, r.output
+    ev = runner.invoke(main, ["eval", str(by_hand), "--text", str(DATA / "wikitext-2-test.txt"),
+                              "--max-tokens", "1024", "--json"])
+    assert abs(json.loads(ev.output)["ppl"] - rep["stages"][1]["ppl"]) < 1e-9
+    assert os.path.getsize(by_hand) == rep["stages"][1]["bytes"]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipe_runs_with_gates(tmp_path, path):
+    """CI runs every shipped recipe on the fixtures, gates enforced."""
+    out = tmp_path / "out"
+    args = ["recipe", "run", str(path), "--out", str(out)]
+    summary = os.environ.get("RWKVTOOLS_RECIPE_SUMMARY")
+    if summary:
+        args += ["--summary", summary]
+    res = runner.invoke(main, args)
+    assert res.exit_code == 0, res.output[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["passed"] is True
+    assert pathlib.Path(rep["final"]).exists()
