@@ -22,11 +22,12 @@ setup(
         "tqdm>=4.60",
         "tokenizers>=0.15",
         "pyrwkv-tokenizer>=0.9",
+        "gguf>=0.19",
+        "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7", "rwkv==0.8.32", "gguf>=0.19"],
+        "test": ["pytest>=7", "rwkv==0.8.32"],
         "gpu": ["ninja"],
-        "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["rwkvtools=rwkvtools.cli:main"]},
 )

@@ -13,6 +13,7 @@ GPTQ with a diagonal Hessian (no compensation) yields exactly the bytes RTN writ
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -333,6 +334,29 @@ def gptq(w: torch.Tensor, xtx: torch.Tensor, grid: Grid, damp: float = 0.01, blo
     if U is None:
         raise QuantizeError("GPTQ: the Hessian is not positive definite even with strong dampening; use --method rtn")
     U = U.float()
+    with _one_thread():
+        Q, D = _walk(W, U, grid, params, perm, g, n, block, clip, wdiag)
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q, D = Q[:, inv], D[:, inv]
+    return Q, params, D
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The column walk is thousands of small ops: intra-op threads only add synchronisation
+    (10x slower with 2 threads on a busy machine), so it runs on one."""
+    old = torch.get_num_threads()
+    if old != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if old != 1:
+            torch.set_num_threads(old)
+
+
+def _walk(W, U, grid, params, perm, g, n, block, clip, wdiag):
     block = max(block, 1)
     Q = torch.zeros_like(W)
     D = torch.zeros_like(W)
@@ -363,10 +387,7 @@ def gptq(w: torch.Tensor, xtx: torch.Tensor, grid: Grid, damp: float = 0.01, blo
             E1[:, j:j + 1] = err
         if i2 < n:
             W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    if perm is not None:
-        inv = torch.argsort(perm)
-        Q, D = Q[:, inv], D[:, inv]
-    return Q, params, D
+    return Q, D
 
 
 def output_rel_error(w: torch.Tensor, dq: torch.Tensor, xtx: torch.Tensor) -> float:

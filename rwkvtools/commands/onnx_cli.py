@@ -16,7 +16,7 @@ from ..cli import UserError, emit_json, handle_errors, main
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16 keeps decays, WKV state and group norms in fp32 and rescales the residual "
                    "stream of v4-v6 every 6 layers, as RWKV runtimes do.")
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13 or newer).")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 or newer).")
 @click.option("--chunk-len", type=click.Choice(["8", "16", "32", "64"]), default="16", show_default=True,
               help="Sequence mode: tokens per chunk of the chunked WKV.")
 @click.option("--logits", "logits", type=click.Choice(["all", "last"]), default="all", show_default=True,

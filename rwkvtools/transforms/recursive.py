@@ -263,6 +263,11 @@ def plan(ckpt: Checkpoint, config: RecursiveConfig) -> dict:
                     raise RecursiveError(f"linear '{p}' is not a dense matrix (low-rank or quantized); recursive "
                                          "needs the dense checkpoint: apply it before lowrank/quantize")
                 raise RecursiveError(f"layer {i} has no '{rest}' although other layers do: not a regular checkpoint")
+    for rest in shared:
+        shp = {tuple(tensor_shape(t, f"blocks.{i}.{rest}")) for i in shared_layers if rest in names[i]}
+        if len(shp) > 1:
+            raise RecursiveError(f"'{rest}' has different shapes in different layers ({sorted(shp)}): layers that "
+                                 "differ in shape cannot share a block")
     ranks: dict[str, int] = {}
     shapes: dict[str, list[int]] = {}
     for rest in linears:
