@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -97,15 +96,17 @@ def quality(args):
 
 # -------------------------------------------------------------------------------------- memory
 CHILD = r"""
-import json, os, resource, sys, time, torch
+import json, os, sys, time, torch
 sys.path.insert(0, sys.argv[4])
 torch.set_num_threads(int(sys.argv[5]))
 from rwkvtools import load
 from rwkvtools.validate import perplexity
-def rss():
+def status(key):  # VmHWM, not ru_maxrss: ru_maxrss keeps the forking parent's peak across exec
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
+        if line.startswith(key):
             return int(line.split()[1]) * 1024
+def rss():
+    return status("VmRSS")
 base = rss()
 m = load(sys.argv[1])
 built = rss()
@@ -116,7 +117,7 @@ best = 0.0
 for _ in range(int(sys.argv[3])):
     r = perplexity(m, toks, chunk_len=1024, progress=False)
     best = max(best, r.tokens_per_s)
-print(json.dumps({"rss_before_load": base, "rss_after_build": built, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print(json.dumps({"rss_before_load": base, "rss_after_build": built, "peak_rss": status("VmHWM"),
                   "block_linear_bytes": blocks, "tokens_per_s": best}))
 """
 
@@ -277,7 +278,6 @@ def main():
         tmp, ck = memory(args)
     if args.part in ("onnx", "all"):
         onnx_latency(args, tmp, ck)
-    _ = resource
 
 
 if __name__ == "__main__":

@@ -31,8 +31,11 @@ def available() -> bool:
 
 
 def _run(args: list[str], timeout: int = 900) -> str:
+    # passive OpenMP waiting: ggml's worker threads otherwise spin, which on a busy machine costs
+    # far more than the work itself
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "passive"))
     r = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True,
-                       timeout=timeout)
+                       timeout=timeout, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"llama.cpp subprocess {args[0]} failed (exit {r.returncode}): "
                            f"{(r.stderr or r.stdout)[-3000:]}")

@@ -667,7 +667,7 @@ def _write_kinds(ck, tmp_path, stem, kinds, **kw):
 def test_llamacpp_v7_fixture_logits(tmp_path, shared):
     run = _runner()
     ck = read_checkpoint(fixture_path("tiny-rwkv-7v0-834K.pth"))
-    files = _write_kinds(ck, tmp_path, "v7", ["f32", "f16", "bf16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K"])
+    files = _write_kinds(ck, tmp_path, "v7", ["f32", "f16", "bf16", "Q8_0", "Q4_0", "Q5_1", "Q4_K"])
     _check_in_llamacpp(run, files, list(wikitext_tokens(48)))
 
 
@@ -698,7 +698,7 @@ def test_llamacpp_batch_equals_serial_and_state_carries(tmp_path, shared):
     run = _runner()
     out = tmp_path / "v7.gguf"
     write_gguf(read_checkpoint(fixture_path("tiny-rwkv-7v0-834K.pth")), str(out))
-    tokens = list(wikitext_tokens(24))
+    tokens = list(wikitext_tokens(12))
     d_batch = _check_in_llamacpp(run, [(out, "f32")], tokens, n_batch=512)["f32"]
     d_serial = _check_in_llamacpp(run, [(out, "f32")], tokens, n_batch=1)["f32"]
     assert max(d_batch, d_serial) <= LLAMACPP_TOL["f32"]

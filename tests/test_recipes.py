@@ -76,7 +76,7 @@ def test_failing_gate_exits_1_with_full_report_and_resume(tmp_path):
     assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
     # second run: the finished stage is not recomputed
     res2 = runner.invoke(main, ["recipe", "run", path, "--out", str(out), "--json"])
-    rep2 = json.loads(res2.output[res2.output.index("{"):])
+    rep2 = json.loads(res2.stdout)
     assert rep2["stages"][1]["resumed"] is True
     assert rep2["stages"][1]["ppl"] == rep["stages"][1]["ppl"]
 

@@ -284,6 +284,8 @@ def _heal(src, dst, opts):
         lines.append(f"held-out KL to the teacher {rep['kl_before']:.4f} -> {rep['kl_after']:.4f}; teacher ppl "
                      f"{rep['ppl_teacher']:.4f}, healed {validation['ppl_vs_teacher_pct']:+.2f}% from it"
                      + (f"; recovered {100 * rec:.1f}% of the lost log-perplexity" if rec is not None else ""))
+        if rep["kl_after"] > rep["kl_before"]:
+            lines.append("warning: healing raised the held-out KL to the teacher; try a lower --lr or more --tokens")
     lines.append(f"{'wrote ' + dst if passed else 'NOT written (gate failed): ' + dst}")
     print_summary(f"heal {src} -> {dst}", report, opts["as_json"], lines)
     finish(report, opts)

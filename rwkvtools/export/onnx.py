@@ -28,10 +28,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-from onnx import TensorProto, helper
+from onnx import helper
 
 from ..errors import RwkvToolsError
-from .graph import BOOL, FLOAT, FLOAT16, INT64, ExternalData, GraphBuilder, value_info
+from .graph import FLOAT, FLOAT16, INT64, ExternalData, GraphBuilder, value_info
 
 INTERFACE_VERSION = 1
 DEFAULT_OPSET = 17
@@ -933,4 +933,4 @@ def validation_failure_message(report: dict) -> str:
 
 
 __all__ = ["export_onnx", "build_onnx_model", "register_onnx_linear", "validate_onnx", "compare_with_reference",
-           "state_specs", "ExportError", "Emitter", "TensorProto", "BOOL"]
+           "state_specs", "ExportError", "Emitter"]

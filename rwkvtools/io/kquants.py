@@ -52,13 +52,10 @@ def _half_roundtrip(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return h.view(np.uint16), h.astype(np.float32)
 
 
-def _seqsum(terms) -> np.ndarray:
-    """Left-to-right float32 sum of a list of columns (C's ``for (...) s += t``)."""
-    it = iter(terms)
-    s = next(it).astype(np.float32, copy=True)
-    for t in it:
-        s = (s + t).astype(np.float32, copy=False)
-    return s
+def _seqsum(terms: np.ndarray) -> np.ndarray:
+    """Left-to-right float32 sum along the last axis (C's ``for (...) s += t``); numpy's
+    accumulate is strictly sequential, unlike sum (pairwise)."""
+    return np.add.accumulate(np.asarray(terms, dtype=np.float32), axis=-1)[..., -1]
 
 
 # ------------------------------------------------------------------------------------------
@@ -66,21 +63,17 @@ def _seqsum(terms) -> np.ndarray:
 def _make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
     """Asymmetric (scale, min) search of ggml's make_qkx2_quants (use_mad = false).
     x, w: (M, n) float32. Returns scale (M,), the_min (M,) (the positive offset), L (M, n)."""
-    M, n = x.shape
     xmin = np.minimum(x.min(axis=1), f32(0))
     xmax = x.max(axis=1)
-    cols_x = [x[:, i] for i in range(n)]
-    cols_w = [w[:, i] for i in range(n)]
-    sum_w = _seqsum(cols_w)
-    sum_x = _seqsum([cols_w[i] * cols_x[i] for i in range(n)])
+    sum_w = _seqsum(w)
+    sum_x = _seqsum(w * x)
     flat = xmax == xmin
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         rng = (xmax - xmin).astype(np.float32)
         iscale = (f32(nmax) / rng).astype(np.float32)
         scale = (f32(1) / iscale).astype(np.float32)
         L = np.clip(_rint(iscale[:, None] * (x - xmin[:, None])), 0, nmax)
-        Lf = L.astype(np.float32)
-        best = _seqsum([cols_w[i] * (((scale * Lf[:, i]) + xmin) - cols_x[i]) ** 2 for i in range(n)])
+        best = _seqsum(w * (((scale[:, None] * L.astype(np.float32)) + xmin[:, None]) - x) ** 2)
         mn = xmin.copy()
         for step in range(nstep + 1):
             # ggml reads the current best min here (it moves as better fits are found)
@@ -88,10 +81,10 @@ def _make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: flo
             isc = (num / (xmax - mn).astype(np.float32)).astype(np.float32)
             La = np.clip(_rint(isc[:, None] * (x - mn[:, None])), 0, nmax)
             Laf = La.astype(np.float32)
-            wl = [cols_w[i] * Laf[:, i] for i in range(n)]
+            wl = w * Laf
             sum_l = _seqsum(wl)
-            sum_l2 = _seqsum([wl[i] * Laf[:, i] for i in range(n)])
-            sum_xl = _seqsum([wl[i] * cols_x[i] for i in range(n)])
+            sum_l2 = _seqsum(wl * Laf)
+            sum_xl = _seqsum(wl * x)
             D = (sum_w * sum_l2 - sum_l * sum_l).astype(np.float32)
             ok = D > 0
             this_scale = ((sum_w * sum_xl - sum_x * sum_l) / D).astype(np.float32)
@@ -99,7 +92,7 @@ def _make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: flo
             pos = this_min > 0
             this_min = np.where(pos, f32(0), this_min).astype(np.float32)
             this_scale = np.where(pos, sum_xl / sum_l2, this_scale).astype(np.float32)
-            cur = _seqsum([cols_w[i] * (((this_scale * Laf[:, i]) + this_min) - cols_x[i]) ** 2 for i in range(n)])
+            cur = _seqsum(w * (((this_scale[:, None] * Laf) + this_min[:, None]) - x) ** 2)
             better = ok & (cur < best)
             if better.any():
                 L = np.where(better[:, None], La, L)
@@ -119,15 +112,13 @@ def _make_qx(x: np.ndarray, nmax: int):
     idx = np.argmax(np.abs(x), axis=1)
     mx = x[np.arange(M), idx]
     zero = np.abs(mx) < _EPS
-    cols = [x[:, i] for i in range(n)]
-    wcols = [c * c for c in cols]
+    wx = (x * x) * x
+    ww = x * x
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         def attempt(iscale):
             l = np.clip(_rint(iscale[:, None] * x), -nmax, nmax - 1)
             lf = l.astype(np.float32)
-            sumlx = _seqsum([(wcols[i] * cols[i]) * lf[:, i] for i in range(n)])
-            suml2 = _seqsum([(wcols[i] * lf[:, i]) * lf[:, i] for i in range(n)])
-            return l, sumlx, suml2
+            return l, _seqsum(wx * lf), _seqsum((ww * lf) * lf)
 
         iscale = (f32(-nmax) / mx).astype(np.float32)
         l, sumlx, suml2 = attempt(iscale)
@@ -208,7 +199,7 @@ def kquant_grid(qtype: str, x: np.ndarray) -> KGrid:
     if qtype in ("Q4_K", "Q5_K"):
         nmax, rmin, nstep = (15, -1.0, 20) if qtype == "Q4_K" else (31, -0.5, 15)
         xs = xb.reshape(nb * 8, 32)
-        sum_x2 = _seqsum([xs[:, i] * xs[:, i] for i in range(32)])
+        sum_x2 = _seqsum(xs * xs)
         av_x = np.sqrt((sum_x2 / f32(32)).astype(np.float32)).astype(np.float32)
         w = (av_x[:, None] + np.abs(xs)).astype(np.float32)
         scales, mins, L = _make_qkx2(xs, w, nmax, rmin, 0.1, nstep)
