@@ -9,11 +9,19 @@ dequantized block by block inside the kernel, never materialised):
 * int8: ``bits=8`` with q + 128 as unsigned bytes and zero point 128, the per-channel scale
   repeated over the row's blocks (rows padded with zero bytes to a whole block).
 
+``accuracy_level`` (MatMulNBits' compute type) is 0 by default: fp32 arithmetic on the
+dequantized blocks, equal to the torch model within 1e-4. ``RWKVTOOLS_MATMULNBITS_ACCURACY=4``
+at export time selects int8 compute (activations quantized on the fly, as ggml/rwkv.cpp do):
+several times faster per token on CPUs with int8 dot products, but the logits then differ from
+the torch model by more than the default validation tolerance (pass ``--tol``, e.g. 0.05).
+
 Why not ``DequantizeLinear`` + ``MatMul`` for int8: onnxruntime 1.31's graph optimizer rewrites a
 per-axis int8 DequantizeLinear feeding a MatMul into an 8-bit MatMulNBits with wrong results
 (max error 0.1 on unit-scale inputs in our check); the direct MatMulNBits node is exact.
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -22,6 +30,14 @@ from ..model.quantized import Int4Linear, Int8Linear
 
 MS_DOMAIN = "com.microsoft"
 INT8_BLOCK = 128
+
+
+def accuracy_level() -> int:
+    v = os.environ.get("RWKVTOOLS_MATMULNBITS_ACCURACY", "0")
+    if v not in ("0", "1", "2", "3", "4"):
+        from .onnx import ExportError
+        raise ExportError(f"RWKVTOOLS_MATMULNBITS_ACCURACY must be 0..4 (MatMulNBits accuracy_level), got {v!r}")
+    return int(v)
 
 
 def _scales(em, s: torch.Tensor) -> np.ndarray:
@@ -41,7 +57,8 @@ def emit_int4(em, mod: Int4Linear, x: str) -> str:
     b = g.tensor(B, name=f"{mod.prefix}.weight_int4")
     s = g.tensor(_scales(em, mod.weight_scale).reshape(-1), name=f"{mod.prefix}.weight_scale")
     zn = g.tensor(zp, name=f"{mod.prefix}.weight_zero")
-    return g.op("MatMulNBits", x, b, s, zn, domain=MS_DOMAIN, K=K, N=N, bits=4, block_size=G)
+    return g.op("MatMulNBits", x, b, s, zn, domain=MS_DOMAIN, K=K, N=N, bits=4, block_size=G,
+                accuracy_level=accuracy_level())
 
 
 def emit_int8(em, mod: Int8Linear, x: str) -> str:
@@ -56,7 +73,8 @@ def emit_int8(em, mod: Int8Linear, x: str) -> str:
     b = g.tensor(q.reshape(N, nb, bs), name=f"{mod.prefix}.weight_int8")
     s = g.tensor(np.repeat(_scales(em, mod.weight_scale), nb), name=f"{mod.prefix}.weight_scale")
     zn = g.tensor(np.full(N * nb, 128, np.uint8), name=f"{mod.prefix}.weight_zero")
-    return g.op("MatMulNBits", x, b, s, zn, domain=MS_DOMAIN, K=K, N=N, bits=8, block_size=bs)
+    return g.op("MatMulNBits", x, b, s, zn, domain=MS_DOMAIN, K=K, N=N, bits=8, block_size=bs,
+                accuracy_level=accuracy_level())
 
 
 def register(register_onnx_linear) -> None:
