@@ -117,3 +117,14 @@ def collect_grams(model, tokens, select: Callable[[str], bool], chunk_len: int =
     for _, g in calibrate_blocks(model, tokens, select, chunk_len):
         out.update(g)
     return out
+
+
+def calibration_tokens(path: str | None, vocab: int, n: int, tokenizer: str = "auto",
+                       encoding: str = "utf-8", tokenizer_file: str | None = None) -> list[int]:
+    """The first ``n`` tokens of a calibration text (default: the packaged calibration text,
+    disjoint from the packaged held-out text). Shared by lowrank, quantize and recursive."""
+    from .validate import text_tokens
+    toks = text_tokens(path, vocab, "calib", tokenizer, n, encoding, tokenizer_file)
+    if len(toks) < 2:
+        raise RwkvToolsError(f"the calibration text {path or '(packaged)'} gives {len(toks)} tokens; need at least 2")
+    return toks

@@ -52,6 +52,9 @@ PLAN_FORMAT = 1
 CACHE_LIMIT_BYTES = 1 << 30
 
 
+from ..calibrate import calibration_tokens  # noqa: E402,F401  (one implementation, re-exported)
+
+
 class LowRankError(RwkvToolsError):
     """Bad lowrank options or a checkpoint/plan the transform cannot use."""
 
@@ -512,14 +515,3 @@ def lowrank(ckpt: Checkpoint, config: LowRankConfig, calib_tokens=None, progress
     (float64), else streams the calibration twice (plan, then apply)."""
     p, cache = _plan_and_cache(ckpt, config, calib_tokens, progress, cache_limit)
     return apply(ckpt, p, calib_tokens, progress, _cache=cache)
-
-
-def calibration_tokens(path: str | None, vocab: int, n: int, tokenizer: str = "auto",
-                       encoding: str = "utf-8", tokenizer_file: str | None = None) -> list[int]:
-    """The first ``n`` tokens of a calibration text (default: the packaged calibration text,
-    disjoint from the packaged held-out text)."""
-    from ..validate import text_tokens
-    toks = text_tokens(path, vocab, "calib", tokenizer, n, encoding, tokenizer_file)
-    if len(toks) < 2:
-        raise LowRankError(f"the calibration text {path or '(packaged)'} gives {len(toks)} tokens; need at least 2")
-    return toks

@@ -60,6 +60,9 @@ PLAN_FORMAT = 1
 V6_TRANSPOSED = ("time_maa_w1", "time_decay_w1", "time_decay_w2")
 
 
+from ..calibrate import calibration_tokens  # noqa: E402,F401  (one implementation, re-exported)
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
     scheme: str                      # int8 | int4 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0
@@ -540,14 +543,3 @@ def write_quantized(ckpt: Checkpoint, path: str, progress: bool | None = None) -
     if ext not in (".safetensors", ".pth", ".pt"):
         raise QuantizeError(f"{path}: write quantized checkpoints as .safetensors or .pth")
     return write_checkpoint(ckpt, path)
-
-
-def calibration_tokens(path: str | None, vocab: int, n: int, tokenizer: str = "auto",
-                       encoding: str = "utf-8", tokenizer_file: str | None = None) -> list[int]:
-    """The first ``n`` tokens of a calibration text (default: the packaged calibration text,
-    disjoint from the packaged held-out text)."""
-    from ..validate import text_tokens
-    toks = text_tokens(path, vocab, "calib", tokenizer, n, encoding, tokenizer_file)
-    if len(toks) < 2:
-        raise QuantizeError(f"the calibration text {path or '(packaged)'} gives {len(toks)} tokens; need at least 2")
-    return toks
