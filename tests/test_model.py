@@ -110,3 +110,25 @@ def test_half_precision_tracks_fp32(tiny_models, version, dtype):
     assert torch.isfinite(low).all()
     tol = 0.15 if dtype == torch.bfloat16 else 0.03
     assert max_rel(low, ref) <= tol
+
+
+def test_perplexity_matches_full_logits_cross_entropy(tiny_models):
+    """perplexity() scores a dense head one vocabulary block at a time with a running logsumexp;
+    it must equal cross_entropy on the model's full logits, with the state carried over chunks."""
+    import math
+
+    import torch.nn.functional as F
+
+    from rwkvtools.validate import head_nll_sum, perplexity
+    model = build_model(tiny_models["7"])
+    toks = torch.randint(0, model.spec.vocab, (200,), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        logits, _ = model(toks[:-1].unsqueeze(0))
+        want = F.cross_entropy(logits[0], toks[1:], reduction="mean").item()
+        got = perplexity(model, toks, chunk_len=64, progress=False)
+        h, _ = model.forward_hidden(toks[:-1].unsqueeze(0))
+        # blocks smaller than the vocab and not dividing it: every target lands in some block
+        blocked = head_nll_sum(model.head, h[0], toks[1:], vocab_block=7) / 199
+    assert abs(got.nll_per_token - want) < 1e-5
+    assert abs(blocked - want) < 1e-5
+    assert got.ppl == pytest.approx(math.exp(want), rel=1e-5)

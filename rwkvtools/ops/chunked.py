@@ -27,16 +27,15 @@ def _pick_chunk(max_abs_g: float, chunks=CHUNKS) -> tuple[int, bool]:
 
 
 def _pack(xs, L):
-    """Several (B, T, H, N) tensors -> one (B*H*nc, L, n*N) tensor (one copy), zero-padded to a
-    whole number of chunks, and the views of each input in it."""
+    """Several (B, T, H, N) tensors -> one (B*H*nc, L, n*N) tensor, zero-padded to a whole number
+    of chunks (each input copied once, straight into its place), and the views of each input."""
     B, T, H, N = xs[0].shape
     nc = (T + L - 1) // L
-    x = torch.cat(xs, -1) if len(xs) > 1 else xs[0]
-    pad = nc * L - T
-    if pad:
-        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
-    x = x.view(B, nc, L, H, -1).permute(0, 3, 1, 2, 4).reshape(B * H * nc, L, -1)
-    return x.split(N, -1), nc
+    n = len(xs)
+    buf = xs[0].new_zeros(B, H, nc * L, n, N) if nc * L > T else xs[0].new_empty(B, H, T, n, N)
+    for i, x in enumerate(xs):
+        buf[:, :, :T, i].copy_(x.transpose(1, 2))
+    return buf.view(B * H * nc, L, n * N).split(N, -1), nc
 
 
 def _unpack(y, B, H, nc, T):
@@ -113,7 +112,7 @@ def wkv7_chunked(r, g, k, v, a, b, S, chunk: int | None = None):
     B, T, H, N = r.shape
     max_g = float(g.detach().abs().max()) if g.numel() else 0.0
     if chunk is None:
-        chunk, safe = _pick_chunk(max_g, (64, 32, 16))
+        chunk, safe = _pick_chunk(max_g, (32, 16))
         if not safe:
             # decays outside the v7 bound: shortest chunks that are still safe, else naive steps
             L = 1
@@ -126,9 +125,9 @@ def wkv7_chunked(r, g, k, v, a, b, S, chunk: int | None = None):
     L = chunk
     (rc, gc, kc, vc, ac, bc), nc = _pack([r, g, k, v, a, b], L)     # (Z, L, N)
     G = torch.cumsum(gc, 1)
-    Gex = _prefix_excl(G)
-    Gsuf = _suffix_excl(gc)
     Glast = G[:, -1]
+    Gex = G - gc                                              # G_{t-1}
+    Gsuf = Glast.unsqueeze(1) - G                             # G_last - G_t (<= 0)
     strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
     incl2 = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(0).repeat(1, 2)
     eGneg = torch.exp(-G)
