@@ -113,7 +113,7 @@ def run_model(model, args, lc):
         calib = calibration_tokens(None, ck.shape("emb.weight")[0], args.calib_tokens)
         for q in ("Q8_0", "Q4_0", "Q4_K"):
             try:
-                cfg = QuantizeConfig(scheme=q, method="gptq", calib_tokens=args.calib_tokens)
+                cfg = QuantizeConfig(scheme=q, method="gptq", calib_tokens=args.calib_tokens, target="gguf")
             except QuantizeError as e:
                 print(f"  {q} gptq: not available ({e})")
                 continue

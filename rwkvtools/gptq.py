@@ -53,10 +53,12 @@ class Grid:
         """Parameters of each row of ``w`` (R, g); ``alpha`` < 1 shrinks the range (clipping)."""
         raise NotImplementedError
 
-    def quant(self, x: torch.Tensor, p: tuple) -> torch.Tensor:
+    def quant(self, x: torch.Tensor, p: tuple, j: int = 0) -> torch.Tensor:
+        """Levels of the values ``x`` (R, k), columns j..j+k of the group ``p`` was fitted on (the
+        per-row grids ignore j; the K-quants' step changes every 16/32 columns)."""
         raise NotImplementedError
 
-    def dequant(self, q: torch.Tensor, p: tuple) -> torch.Tensor:
+    def dequant(self, q: torch.Tensor, p: tuple, j: int = 0) -> torch.Tensor:
         raise NotImplementedError
 
     def bits_per_weight(self, n_in: int) -> float:
@@ -82,10 +84,10 @@ class Int8Grid(Grid):
             raise QuantizeError("int8: weights are not finite")
         return (s,)
 
-    def quant(self, x, p):
+    def quant(self, x, p, j=0):
         return torch.clamp(torch.round(x.float() / _col(p[0], x)), -127, 127)
 
-    def dequant(self, q, p):
+    def dequant(self, q, p, j=0):
         return q.float() * _col(p[0], q)
 
     def bits_per_weight(self, n_in):
@@ -121,11 +123,11 @@ class Int4Grid(Grid):
         z = torch.clamp(torch.round(-lo / s), 0, 15)
         return (s, z)
 
-    def quant(self, x, p):
+    def quant(self, x, p, j=0):
         s, z = p
         return torch.clamp(torch.round(x.float() / _col(s, x)) + _col(z, x), 0, 15)
 
-    def dequant(self, q, p):
+    def dequant(self, q, p, j=0):
         s, z = p
         return (q.float() - _col(z, q)) * _col(s, q)
 
@@ -175,7 +177,7 @@ class GGMLGrid(Grid):
         inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
         return (d, inv, d.half().float())
 
-    def quant(self, x, p):
+    def quant(self, x, p, j=0):
         x = x.float()
         t = self.qtype
         inv = _col(p[1], x)
@@ -189,7 +191,7 @@ class GGMLGrid(Grid):
         v = x * inv  # Q8_0: roundf (half away from zero)
         return torch.clamp(torch.sign(v) * torch.floor(v.abs() + 0.5), -127, 127)
 
-    def dequant(self, q, p):
+    def dequant(self, q, p, j=0):
         t = self.qtype
         q = q.float()
         if t == "Q4_0":
@@ -227,11 +229,83 @@ class GGMLGrid(Grid):
         return np.concatenate(parts, axis=1).reshape(-1)
 
 
+class KQuantGrid(Grid):
+    """ggml's K-quants (Q4_K, Q5_K, Q6_K): super-blocks of 256 values with 6-bit (Q4_K/Q5_K,
+    with mins) or 8-bit (Q6_K) sub-block scales. A group is one super-block per row; its scales
+    are chosen by ggml's reference search (``io.kquants.kquant_grid``) on the values as they are
+    when the GPTQ walk reaches the group, then every column is rounded onto that grid (the
+    step and offset change every 32 (16 for Q6_K) columns)."""
+
+    group = 256
+
+    def __init__(self, qtype: str):
+        from .io import kquants
+        if qtype not in kquants.TYPE_SIZE:
+            raise QuantizeError(f"unknown K-quant type '{qtype}'")
+        self.name = self.qtype = qtype
+        self._bytes = kquants.TYPE_SIZE[qtype]
+
+    def _bad_row(self, name, shape, g):
+        return (f"{self.name}: '{name}' has rows of {shape[1]} values, not a multiple of the K-quant super-block "
+                f"size 256; leave it out with --skip '{name}'")
+
+    def fit(self, w, alpha=1.0):
+        from .io import kquants
+        if alpha != 1.0:
+            raise QuantizeError(f"{self.name}: --clip is not available for K-quants (ggml's scale search is used)")
+        g = kquants.kquant_grid(self.qtype, w.detach().float().contiguous().numpy())
+        step = torch.from_numpy(g.step)
+        off = torch.from_numpy(g.offset)
+        l0 = torch.from_numpy(g.L0.astype(np.float32))
+        return (step, off, l0, g)
+
+    def quant(self, x, p, j=0):
+        step, off, l0 = (t[:, j:j + x.shape[1]] for t in p[:3])
+        x = x.float()
+        if self.qtype == "Q6_K":
+            q = torch.clamp(torch.round(x / step), -32, 31) + 32
+        else:
+            q = torch.clamp(torch.round((x + off) / step), 0, self.qmax)
+        return torch.where(step == 0, l0, q)  # a zero step: ggml keeps the search's levels
+
+    @property
+    def qmax(self) -> int:
+        return {"Q4_K": 15, "Q5_K": 31, "Q6_K": 63}[self.qtype]
+
+    def dequant(self, q, p, j=0):
+        step, off = (t[:, j:j + q.shape[1]] for t in p[:2])
+        if self.qtype == "Q6_K":
+            return step * (q.float() - 32)
+        return step * q.float() - off
+
+    def bits_per_weight(self, n_in):
+        return self._bytes * 8 / 256
+
+    def pack(self, q: torch.Tensor, params: list[tuple]) -> np.ndarray:
+        """Levels (out, in) and one fitted grid per group of 256 columns -> K-quant block bytes,
+        rows in order, super-blocks along each row."""
+        from .io import kquants
+        out, n_in = q.shape
+        grids = [p[3] for p in params]
+
+        def inter(attr):
+            a = [getattr(g, attr) for g in grids]
+            if a[0] is None:
+                return None
+            st = np.stack(a, axis=1)               # (out, groups, ...)
+            return st.reshape(out * len(grids), *st.shape[2:])
+        grid = kquants.KGrid(self.qtype, inter("d"), inter("dmin"), inter("sc"), inter("m"), inter("L0"))
+        levels = q.to(torch.int64).numpy().reshape(out * len(grids), 256).astype(np.uint8)
+        return kquants.kquant_pack(grid, levels)
+
+
 def make_grid(scheme: str, group_size: int | None = None) -> Grid:
     if scheme == "int8":
         return Int8Grid()
     if scheme == "int4":
         return Int4Grid(group_size or 64)
+    if scheme in ("Q4_K", "Q5_K", "Q6_K"):
+        return KQuantGrid(scheme)
     return GGMLGrid(scheme)
 
 
@@ -378,8 +452,9 @@ def _walk(W, U, grid, params, perm, g, n, block, clip, wdiag):
             else:
                 p = params[cg[c]]
             col = W1[:, j:j + 1]
-            q = grid.quant(col, p)
-            dq = grid.dequant(q, p)
+            jj = (c if perm is None else int(perm[c])) % g
+            q = grid.quant(col, p, jj)
+            dq = grid.dequant(q, p, jj)
             Q[:, c:c + 1] = q
             D[:, c:c + 1] = dq
             err = (col - dq) / U1[j, j]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf", reason="the gguf package (test extra) is needed for GGUF support")
+import gguf  # a runtime dependency of rwkvtools (setup.py): missing it is a failure, not a skip
 from gguf import GGMLQuantizationType as GT  # noqa: E402
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 
@@ -592,6 +592,85 @@ def test_cli_convert_to_gguf(tmp_path, shared):
     assert res.exit_code == 0, res.output
 
 
+# ------------------------------------------------------------------ quantize -> GGUF (issue 11)
+def _gguf_tensors(path):
+    r = gguf.GGUFReader(str(path))
+    return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in r.tensors}
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q6_K"])
+def test_quantize_rtn_to_gguf_is_the_writers_bytes(tmp_path, qtype):
+    """quantize(target gguf, rtn) selects llama.cpp's tensors and writes the very blocks that
+    write_gguf(quant=...) writes (which equal llama.cpp's quantizer: see the llamacpp tests);
+    rows of 64 fall back (Q4_K -> Q5_0, Q6_K -> Q8_0) the same way."""
+    from rwkvtools.transforms.quantize import QuantizeConfig, quantize, write_quantized
+    ck = random_checkpoint("7", n_layer=2, n_embd=64, head_size=16, vocab=256, seed=12)  # rows 64 and 256
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    q = quantize(ck, QuantizeConfig(qtype, target="gguf"))
+    assert write_quantized(q, str(ours)) == "gguf"
+    write_gguf(ck, str(ref), quant=qtype)
+    a, b = _gguf_tensors(ours), _gguf_tensors(ref)
+    assert a.keys() == b.keys()
+    diff = [n for n in a if a[n] != b[n]]
+    assert not diff, diff[:5]
+    types = {t for t, _ in a.values()}
+    assert qtype in types
+    if qtype in ("Q4_K", "Q6_K"):
+        fb = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}[qtype]
+        assert fb in types and set(q.manifest["quantized"]["fallbacks"].values()) == {fb}
+
+
+def test_gptq_kquant_grid_packs_what_it_computed_and_beats_rtn():
+    """GPTQ on a K-quant grid: the packed bytes decode (gguf's own dequantizer) to exactly the
+    weights GPTQ computed with, RTN on the same grid gives ggml's reference bytes, and GPTQ's output
+    error on correlated inputs is clearly below RTN's."""
+    from rwkvtools.gptq import gptq, make_grid, rtn
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 512, generator=g)
+    w[5, 256:] = 0.0  # an all-zero super-block
+    mix = torch.randn(512, 512, generator=g) / 8 + torch.eye(512)
+    X = torch.randn(4096, 512, generator=g) @ mix  # correlated inputs
+    H = (X.T @ X).double()
+    for qtype in kquants.KQUANT_TYPES:
+        grid = make_grid(qtype)
+        q, ps, dq = rtn(w, grid)
+        assert np.array_equal(grid.pack(q, ps), kquants.quantize(qtype, w.numpy()))
+        Q, P, D = gptq(w, H, grid)
+        raw = grid.pack(Q, P)
+        back = gguf_dequantize(raw.reshape(-1, kquants.TYPE_SIZE[qtype]), GT[qtype]).reshape(16, 512)
+        assert np.array_equal(back, D.numpy())
+        e_rtn = float(((w - dq) @ X.T).norm())
+        e_gptq = float(((w - D) @ X.T).norm())
+        assert e_gptq < 0.9 * e_rtn, (qtype, e_gptq, e_rtn)
+
+
+def test_cli_quantize_to_gguf(tmp_path, shared):
+    from click.testing import CliRunner
+    from rwkvtools.cli import main
+    r = CliRunner()
+    src = fixture_path("tiny-rwkv-7v0-834K.pth")
+    out = tmp_path / "q4k.gguf"
+    res = r.invoke(main, ["quantize", src, str(out), "--scheme", "Q4_K", "--method", "gptq", "--calib-tokens", "1024",
+                          "--eval-tokens", "256", "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["format"] == "gguf" and rep["config"]["target"] == "gguf"
+    assert len(rep["fallbacks"]) == 60 and set(rep["fallbacks"].values()) == {"Q5_0"}
+    t = _gguf_tensors(out)
+    assert t["blk.3.channel_mix_value.weight"][0] == "Q4_K"   # rows of 256
+    assert t["blk.3.channel_mix_key.weight"][0] == "Q5_0"     # rows of 64: llama.cpp's fallback
+    assert t["token_embd.weight"][0] == "F32" and t["output.weight"][0] == "F32"
+    back = read_checkpoint(str(out))   # and it reads back as a model
+    assert back.tensors["blocks.3.ffn.value.weight"].shape == (64, 256)
+    # bad input: a K-quant for rwkv.cpp, a v4 model for GGUF; clear message, exit 2, nothing written
+    for args, msg in (([src, str(tmp_path / "k.bin"), "--scheme", "Q4_K"], ".gguf"),
+                      ([fixture_path("tiny-rwkv-4v0-660K.pth"), str(tmp_path / "v4.gguf"), "--scheme", "Q4_0"],
+                       "rwkv6, rwkv7")):
+        res = r.invoke(main, ["quantize", *args, "--no-validate"])
+        assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.output, res.output
+        assert not pathlib.Path(args[1]).exists()
+
+
 # ------------------------------------------------------------------ dequantized model stays close
 def test_quantized_gguf_model_is_close_to_the_original(tmp_path, tiny_models):
     from rwkvtools.model import build_model
@@ -668,6 +747,21 @@ def test_llamacpp_v7_fixture_logits(tmp_path, shared):
     run = _runner()
     ck = read_checkpoint(fixture_path("tiny-rwkv-7v0-834K.pth"))
     files = _write_kinds(ck, tmp_path, "v7", ["f32", "f16", "bf16", "Q8_0", "Q4_0", "Q5_1", "Q4_K"])
+    _check_in_llamacpp(run, files, list(wikitext_tokens(48)))
+
+
+@pytest.mark.llamacpp
+def test_llamacpp_runs_our_gptq_gguf(tmp_path, shared):
+    """GPTQ-calibrated blocks (32-value types and K-quants) in a GGUF that llama.cpp runs as it is."""
+    from rwkvtools.transforms.quantize import QuantizeConfig, quantize, write_quantized
+    run = _runner()
+    ck = read_checkpoint(fixture_path("tiny-rwkv-7v0-834K.pth"))
+    calib = list(wikitext_tokens(1024))
+    files = []
+    for qtype in ("Q4_0", "Q4_K"):
+        p = tmp_path / f"gptq-{qtype}.gguf"
+        write_quantized(quantize(ck, QuantizeConfig(qtype, method="gptq", target="gguf", calib_tokens=1024), calib), str(p))
+        files.append((p, qtype))
     _check_in_llamacpp(run, files, list(wikitext_tokens(48)))
 
 

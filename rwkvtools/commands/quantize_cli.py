@@ -1,5 +1,6 @@
 """``rwkvtools quantize``: int8 / int4 weights in rwkvtools' format, or ggml's block formats in an
-rwkv.cpp ``.bin``, by round-to-nearest or GPTQ; a thin layer over rwkvtools.transforms.quantize."""
+rwkv.cpp ``.bin`` or a llama.cpp ``.gguf``, by round-to-nearest or GPTQ; a thin layer over
+rwkvtools.transforms.quantize."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ import click
 from ..cli import UserError, handle_errors, main
 from .common import finish, output_guard, print_summary, run_validation, validation_options
 
-SCHEME_CHOICES = ["int8", "int4", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+SCHEME_CHOICES = ["int8", "int4", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 
 
 @main.command()
@@ -19,7 +20,8 @@ SCHEME_CHOICES = ["int8", "int4", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 @click.argument("dst", type=click.Path())
 @click.option("--scheme", required=True, type=click.Choice(SCHEME_CHOICES),
               help="int8: symmetric per output channel; int4: groups of --group-size input columns with an "
-                   "fp16 scale and zero point; Q4_0..Q8_0: ggml blocks in an rwkv.cpp .bin.")
+                   "fp16 scale and zero point; Q4_0..Q8_0: ggml blocks in an rwkv.cpp .bin or a .gguf; "
+                   "Q4_K, Q5_K, Q6_K: ggml's K-quants, .gguf only.")
 @click.option("--method", type=click.Choice(["rtn", "gptq"]), default=None,
               help="rtn: round to nearest; gptq: error compensation with the inverse Hessian of each "
                    "layer's inputs on calibration text. Default: gptq when --calib is given, else rtn.")
@@ -51,11 +53,14 @@ def quantize(src, dst, **opts):
     int8/int4 write rwkvtools' packed format (.safetensors or .pth): `rwkvtools eval`,
     `rwkvtools.load` and `export-onnx` run it with the weights still packed. Q4_0, Q4_1, Q5_0,
     Q5_1 and Q8_0 write an rwkv.cpp .bin; with rtn the bytes are exactly those of rwkv.cpp's own
-    quantizer, with gptq they are better blocks that rwkv.cpp loads as they are.
+    quantizer, with gptq they are better blocks that rwkv.cpp loads as they are. A .gguf DST
+    (RWKV-6/7) writes the same block types and the K-quants Q4_K, Q5_K, Q6_K for llama.cpp,
+    following llama.cpp's own tensor rule (rtn: the bytes of llama.cpp's quantizer; rows that do
+    not fit a K-quant fall back as llama.cpp does, e.g. Q4_K -> Q5_0).
 
     Kept in high precision by default: embedding, head, 1-D/3-D tensors, decays and bonuses,
-    token-shift mixes, norms and the small v6/v7 LoRA matrices (ggml formats: rwkv.cpp's own
-    rule). `rwkvtools inspect DST --json` shows per tensor what was done.
+    token-shift mixes, norms and the small v6/v7 LoRA matrices (ggml formats: rwkv.cpp's or
+    llama.cpp's own rule). `rwkvtools inspect DST --json` shows per tensor what was done.
 
     Perplexity is measured before and after on a held-out text; --max-ppl-increase turns it into
     a gate (exit 1, the report still written, DST not written).
@@ -68,6 +73,7 @@ def quantize(src, dst, **opts):
           --eval-tokens 8192 --max-ppl-increase 5 --json --force
       rwkvtools quantize ../shared/fixtures/tiny-rwkv-7v0-834K-FP32.bin /tmp/tiny7-Q5_1.bin --scheme Q5_1
       rwkvtools quantize ../shared/fixtures/tiny-rwkv-5v2-730K-FP32.bin /tmp/q40.bin --scheme Q4_0 --method gptq
+      rwkvtools quantize ../shared/fixtures/tiny-rwkv-7v0-834K.pth /tmp/tiny7-Q4_K.gguf --scheme Q4_K --method gptq
       rwkvtools quantize ../shared/fixtures/tiny-rwkv-7v0-834K.pth /tmp/q7.safetensors --scheme int4 \\
           --group-size 32 --skip 'blocks.0.*' --include head.weight
       rwkvtools inspect /tmp/q8.safetensors
@@ -79,18 +85,21 @@ def _quantize(src, dst, opts):
     from ..io import read_checkpoint
     from ..spec import detect
     from ..transforms import prepare_for_model
-    from ..transforms.quantize import (GGML_SCHEMES, QuantizeConfig, apply, calibration_tokens, plan,
-                                       write_quantized)
+    from ..transforms.quantize import (BLOCK_SCHEMES, KQUANT_SCHEMES, QuantizeConfig, apply, calibration_tokens,
+                                       plan, write_quantized)
 
     output_guard(src, dst, opts["force"])
     scheme = opts["scheme"]
     ext = os.path.splitext(dst)[1].lower()
-    if scheme in GGML_SCHEMES and ext != ".bin":
-        raise UserError(f"{dst}: {scheme} is a ggml block format, written as an rwkv.cpp file: use a .bin output "
+    if scheme in KQUANT_SCHEMES and ext != ".gguf":
+        raise UserError(f"{dst}: {scheme} is a K-quant, written as a llama.cpp GGUF file: use a .gguf output "
+                        "(rwkv.cpp's .bin takes Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)")
+    if scheme in BLOCK_SCHEMES and ext not in (".bin", ".gguf"):
+        raise UserError(f"{dst}: {scheme} is a ggml block format: write an rwkv.cpp .bin or a llama.cpp .gguf "
                         "(or --scheme int8/int4 for .safetensors)")
-    if scheme not in GGML_SCHEMES and ext not in (".safetensors", ".pth", ".pt"):
-        raise UserError(f"{dst}: {scheme} is written as .safetensors (or .pth); for an rwkv.cpp .bin use a ggml "
-                        "scheme (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)")
+    if scheme not in BLOCK_SCHEMES and ext not in (".safetensors", ".pth", ".pt"):
+        raise UserError(f"{dst}: {scheme} is written as .safetensors (or .pth); for an rwkv.cpp .bin or a .gguf use "
+                        "a ggml scheme (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; Q4_K, Q5_K, Q6_K for .gguf)")
     if opts["calib_tokens"] < 2:
         raise UserError("--calib-tokens must be at least 2")
     if opts["chunk_len"] < 1:
@@ -103,7 +112,8 @@ def _quantize(src, dst, opts):
     cfg = QuantizeConfig(scheme=scheme, method=method, group_size=int(opts["group_size"]),
                          skip=tuple(opts["skip"]), include=tuple(opts["include"]),
                          calib_tokens=opts["calib_tokens"], chunk_len=opts["chunk_len"], damp=opts["damp"],
-                         act_order=opts["act_order"], clip=opts["clip"])
+                         act_order=opts["act_order"], clip=opts["clip"],
+                         target="gguf" if ext == ".gguf" else "rwkvcpp")
     progress = opts["progress"] if opts["progress"] is not None else sys.stderr.isatty()
     t0 = time.perf_counter()
     before = prepare_for_model(read_checkpoint(src))
@@ -132,11 +142,11 @@ def _quantize(src, dst, opts):
         "config": cfg.to_dict(),
         "calibration": None if calib is None else {"text": opts["calib"] or "(packaged calib.txt)",
                                                    "tokens": len(calib)},
-        "format": "rwkv.cpp" if scheme in GGML_SCHEMES else ext.lstrip("."),
+        "format": q.get("format") or ext.lstrip("."),
         "bits_per_weight": q["bits_per_weight"], "quantized_params": q["quantized_params"],
         "quantized_bytes_before": q["quantized_bytes_before"], "quantized_bytes_after": q["quantized_bytes_after"],
         "file_bytes_before": src_size, "file_bytes_after": size,
-        "tensors": q["tensors"], "kept": q["kept"], "warnings": p["warnings"],
+        "tensors": q["tensors"], "kept": q["kept"], "fallbacks": q.get("fallbacks", {}), "warnings": p["warnings"],
         "seconds_transform": t_transform, "validation": validation,
     }
     if validation is not None:

@@ -51,8 +51,11 @@ from ..io import ggml_quants
 from ..model.quantized import pack_int4, stored_kind
 
 INT_SCHEMES = ("int8", "int4")
-GGML_SCHEMES = tuple(ggml_quants.BLOCK_TYPES)
-SCHEMES = INT_SCHEMES + GGML_SCHEMES
+GGML_SCHEMES = tuple(ggml_quants.BLOCK_TYPES)          # 32-value blocks: rwkv.cpp .bin or GGUF
+KQUANT_SCHEMES = ("Q4_K", "Q5_K", "Q6_K")              # 256-value super-blocks: GGUF only
+BLOCK_SCHEMES = GGML_SCHEMES + KQUANT_SCHEMES
+SCHEMES = INT_SCHEMES + BLOCK_SCHEMES
+TARGETS = ("rwkvcpp", "gguf")
 METHODS = ("rtn", "gptq")
 GROUP_SIZES = (32, 64, 128)
 PLAN_FORMAT = 1
@@ -65,7 +68,7 @@ from ..calibrate import calibration_tokens  # noqa: E402,F401  (one implementati
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    scheme: str                      # int8 | int4 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0
+    scheme: str                      # int8 | int4 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4_K | Q5_K | Q6_K
     method: str = "rtn"              # rtn | gptq
     group_size: int = 64             # int4 only: 32 | 64 | 128 input columns per scale/zero
     skip: tuple = ()                 # globs of tensor names (or linear prefixes) to keep
@@ -76,6 +79,7 @@ class QuantizeConfig:
     block: int = 128                 # gptq: columns updated lazily together (speed only)
     act_order: bool = False          # gptq: columns by decreasing input energy (static groups)
     clip: bool = False               # search a shrunk range per group (gptq; rtn for int8/int4)
+    target: str = "rwkvcpp"          # block schemes: rwkv.cpp .bin (its tensor rule) or "gguf" (llama.cpp's)
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -89,9 +93,14 @@ class QuantizeConfig:
             if isinstance(v, str) or not all(isinstance(g, str) and g for g in v):
                 raise QuantizeError(f"{k} must be a list of non-empty glob strings, got {v!r}")
             object.__setattr__(self, k, tuple(v))
-        if self.include and self.scheme in GGML_SCHEMES:
-            raise QuantizeError("--include is not available for ggml formats: rwkv.cpp's quantizer rule decides "
-                                "which tensors are quantized (and rwkv.cpp's writer accepts blocks only for those); "
+        if self.target not in TARGETS:
+            raise QuantizeError(f"unknown target {self.target!r}; known: {', '.join(TARGETS)}")
+        if self.scheme in KQUANT_SCHEMES and self.target != "gguf":
+            raise QuantizeError(f"{self.scheme} is a K-quant (256-value super-blocks), which rwkv.cpp does not read: "
+                                "write a .gguf file (llama.cpp), or use Q4_0..Q8_0 for rwkv.cpp")
+        if self.include and self.scheme in BLOCK_SCHEMES:
+            raise QuantizeError("--include is not available for ggml formats: the runtime's own quantizer rule decides "
+                                "which tensors are quantized (rwkv.cpp's, or llama.cpp's for GGUF); "
                                 "use --skip to keep some of them")
         if not isinstance(self.calib_tokens, int) or self.calib_tokens < 2:
             raise QuantizeError(f"calib_tokens must be an integer >= 2, got {self.calib_tokens!r}")
@@ -101,22 +110,25 @@ class QuantizeConfig:
             raise QuantizeError(f"damp must be a finite number > 0, got {self.damp!r}")
         if not isinstance(self.block, int) or self.block < 1:
             raise QuantizeError(f"block must be a positive integer, got {self.block!r}")
-        if self.clip and self.method == "rtn" and self.scheme in GGML_SCHEMES:
+        if self.clip and self.method == "rtn" and self.scheme in BLOCK_SCHEMES:
             raise QuantizeError("clip with rtn is not available for ggml formats: rtn writes exactly the bytes of "
                                 "ggml's reference quantizer; use --method gptq for searched block scales")
 
     @property
     def is_ggml(self) -> bool:
-        return self.scheme in GGML_SCHEMES
+        return self.scheme in BLOCK_SCHEMES
 
-    def grid(self) -> Grid:
-        return make_grid(self.scheme, self.group_size)
+    def grid(self, qtype: str | None = None) -> Grid:
+        """The grid of the scheme, or of a tensor's own block type (GGUF fallbacks)."""
+        return make_grid(qtype or self.scheme, self.group_size)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["skip"], d["include"] = list(self.skip), list(self.include)
         if self.scheme != "int4":
             d.pop("group_size")
+        if self.scheme not in BLOCK_SCHEMES:
+            d.pop("target")
         if self.method == "rtn":
             for k in ("calib_tokens", "chunk_len", "damp", "block", "act_order"):
                 d.pop(k)
@@ -220,7 +232,9 @@ def plan(ckpt: Checkpoint, config: QuantizeConfig) -> dict:
     tensors: dict[str, dict] = {}
     kept: dict[str, str] = {}
     used_skip, used_include = set(), set()
-    if config.is_ggml:
+    if config.is_ggml and config.target == "gguf":
+        tensors, kept, used_skip = _plan_gguf(view, config)
+    elif config.is_ggml:
         fshape = _file_shapes(view, spec)
         from ..io.rwkvcpp import needs_quant
         for name in t:
@@ -238,7 +252,7 @@ def plan(ckpt: Checkpoint, config: QuantizeConfig) -> dict:
                 raise QuantizeError(grid._bad_row(name, fs, 32))
             lin = linears.get(name)
             tensors[name] = {"prefix": lin, "shape": list(fs), "layout": "transposed" if (spec.major == 6 and name.rsplit(".", 1)[-1] in V6_TRANSPOSED) else "same",
-                             "method": config.method if lin and lin != "head" else "rtn"}
+                             "method": config.method if lin and lin != "head" else "rtn", "qtype": config.scheme}
     else:
         for name in t:
             shape = tuple(tensor_shape(t, name))
@@ -267,13 +281,55 @@ def plan(ckpt: Checkpoint, config: QuantizeConfig) -> dict:
     if not tensors:
         raise QuantizeError("nothing to quantize: every tensor is kept (check --skip)")
     n_q = sum(math.prod(e["shape"]) for e in tensors.values())
-    bits_q = sum(grid.bits_per_weight(e["shape"][1]) * math.prod(e["shape"]) for e in tensors.values())
+    bits_q = sum(_grid(config, e).bits_per_weight(e["shape"][1]) * math.prod(e["shape"]) for e in tensors.values())
     out = {"transform": "quantize", "plan_format": PLAN_FORMAT, "version": spec.version,
            "config": config.to_dict(), "tensors": tensors, "kept": kept,
            "quantized_params": n_q, "bits_per_weight": bits_q / n_q, "warnings": warnings}
     if config.is_ggml:
         out["base_type"] = _base_type(view)
+        fb = {n: e["qtype"] for n, e in tensors.items() if e["qtype"] != config.scheme}
+        if fb:
+            out["fallbacks"] = fb
     return out
+
+
+def _grid(cfg: QuantizeConfig, entry: dict) -> Grid:
+    return cfg.grid(entry.get("qtype"))
+
+
+def _plan_gguf(view: Checkpoint, config: QuantizeConfig):
+    """llama.cpp's rule: the large matrices of a v6/v7 model (time-mix receptance/key/value/gate/
+    output, channel-mix key/value/receptance) are quantized; a matrix whose rows do not fit the
+    block size gets llama.cpp's fallback type (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0) or stays
+    in float when even that does not fit."""
+    from ..io.gguf_io import _FALLBACK, gguf_plan
+    _, outs, _ = gguf_plan(view)
+    block = {t: (256 if t in KQUANT_SCHEMES else 32) for t in BLOCK_SCHEMES}
+    tensors, kept, used_skip = {}, {}, set()
+    matrices = {}
+    for o in outs:
+        if o.role == "matrix" and o.linear:
+            matrices[f"{o.linear}.weight"] = o
+    for name in view.tensors:
+        o = matrices.get(name)
+        if o is None:
+            kept[name] = "kept by llama.cpp's quantizer rule (GGUF)"
+            continue
+        g = _match(config.skip, name, o.linear)
+        if g:
+            used_skip.add(g)
+            kept[name] = f"--skip {g}"
+            continue
+        shape = tuple(tensor_shape(view.tensors, name))
+        qtype = config.scheme
+        if shape[1] % block[qtype]:
+            qtype = _FALLBACK.get(qtype, qtype)
+            if shape[1] % block[qtype]:
+                kept[name] = f"rows of {shape[1]} fit no block of {config.scheme} or its fallback (F16 in llama.cpp)"
+                continue
+        tensors[name] = {"prefix": o.linear, "shape": list(shape), "layout": "same",
+                         "method": config.method, "qtype": qtype}
+    return tensors, kept, used_skip
 
 
 # ---------------------------------------------------------------------------------------- apply
@@ -323,8 +379,14 @@ def _rtn_one(view, name, entry, cfg: QuantizeConfig, grid: Grid, base) -> _Resul
     w = _weight(view, name, base)
     if cfg.is_ggml:
         wf = _file_layout(name, w, entry)
-        blocks = ggml_quants.quantize(cfg.scheme, wf.numpy())
-        dq = torch.from_numpy(ggml_quants.dequantize(cfg.scheme, blocks, wf.numel())).reshape(wf.shape)
+        qt = entry.get("qtype", cfg.scheme)
+        if qt in KQUANT_SCHEMES:
+            from ..io import kquants
+            blocks = kquants.quantize(qt, wf.numpy())
+            dq = torch.from_numpy(kquants.dequantize(qt, blocks)).reshape(wf.shape)
+        else:
+            blocks = ggml_quants.quantize(qt, wf.numpy())
+            dq = torch.from_numpy(ggml_quants.dequantize(qt, blocks, wf.numel())).reshape(wf.shape)
         dq = _file_layout(name, dq, entry)  # transposing twice restores the training layout
         return _Result("rtn", blocks=blocks, deq=dq, rel_error=_rel(w, dq))
     q, ps, dq = rtn(w, grid, clip=cfg.clip)
@@ -366,7 +428,7 @@ def apply(ckpt: Checkpoint, plan: dict, calib_tokens=None, progress: bool = Fals
     rest = [n for n in entries if n not in results]
     bar = _bar(len(rest), f"quantize {cfg.scheme} rtn", progress and len(rest) > 8, "tensor")
     for name in rest:
-        results[name] = _rtn_one(view, name, entries[name], cfg, grid, base)
+        results[name] = _rtn_one(view, name, entries[name], cfg, _grid(cfg, entries[name]), base)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -385,6 +447,7 @@ def _run_gptq(view, entries, gptq_prefixes, calib_tokens, cfg, grid, base, progr
                                      chunk_len=cfg.chunk_len, sequential=True):
         for p in sorted(grams):
             name = gptq_prefixes[p]
+            grid = _grid(cfg, entries[name])
             lin = lins[p]
             w = _weight(view, name, base)
             xtx = grams[p].xtx.cpu()
@@ -440,15 +503,15 @@ def _assemble(view: Checkpoint, plan: dict, cfg: QuantizeConfig, grid: Grid, res
     for name, e in plan["tensors"].items():
         r = results[name]
         n = math.prod(e["shape"])
-        bpw = grid.bits_per_weight(e["shape"][1])
-        per_tensor[name] = {"scheme": cfg.scheme, "method": r.method, "shape": e["shape"],
+        bpw = _grid(cfg, e).bits_per_weight(e["shape"][1])
+        per_tensor[name] = {"scheme": e.get("qtype", cfg.scheme), "method": r.method, "shape": e["shape"],
                             "bits_per_weight": bpw, "rel_error": r.rel_error}
         if r.output_rel_error is not None:
             per_tensor[name]["output_rel_error"] = r.output_rel_error
         bytes_before += n * torch.tensor([], dtype=tensor_dtype(src, name)).element_size()
         bytes_after += int(round(n * bpw / 8))
     if cfg.is_ggml:
-        blocks = {n: (cfg.scheme, r.blocks) for n, r in results.items()}
+        blocks = {n: (plan["tensors"][n].get("qtype", cfg.scheme), r.blocks) for n, r in results.items()}
         deq = {n: r.deq for n, r in results.items()}
         names = list(src)
         shapes = {k: tuple(tensor_shape(src, k)) for k in names}
@@ -480,8 +543,10 @@ def _assemble(view: Checkpoint, plan: dict, cfg: QuantizeConfig, grid: Grid, res
                "quantized_bytes_before": bytes_before, "quantized_bytes_after": bytes_after,
                "tensors": per_tensor, "kept": plan["kept"], "summary": summary_txt}
     if cfg.is_ggml:
-        summary["format"] = "rwkv.cpp"
+        summary["format"] = "gguf" if cfg.target == "gguf" else "rwkv.cpp"
         summary["base_type"] = plan.get("base_type", "FP32")
+        if plan.get("fallbacks"):
+            summary["fallbacks"] = plan["fallbacks"]
     entry = {"transform": "quantize", "options": cfg.to_dict(), "calibration": calib,
              "plan": {k: v for k, v in plan.items() if k not in ("tensors", "kept")},
              "results": {"rel_error_mean": sum(errs) / len(errs), "rel_error_max": max(errs)}}
@@ -524,13 +589,24 @@ def write_quantized(ckpt: Checkpoint, path: str, progress: bool | None = None) -
     import os
     ext = os.path.splitext(path)[1].lower()
     if is_ggml(ckpt):
-        if ext != ".bin":
-            raise QuantizeError(f"{path}: ggml block formats are written as rwkv.cpp files; use a .bin output "
-                                "(or --scheme int8/int4 for .safetensors)")
-        from ..io.rwkvcpp import write_rwkvcpp
         t = ckpt.tensors
-        kept_quantizable = [n for n, why in (ckpt.manifest.get("quantized") or {}).get("kept", {}).items()
-                            if why.startswith("--skip")]
+        q = ckpt.manifest.get("quantized") or {}
+        kept_quantizable = [n for n, why in q.get("kept", {}).items() if why.startswith("--skip")]
+        target = "gguf" if q.get("format") == "gguf" else "rwkvcpp"
+        if ext == ".gguf":
+            if target != "gguf":
+                raise QuantizeError(f"{path}: this checkpoint was quantized by rwkv.cpp's tensor rule; quantize "
+                                    "with the GGUF target (a .gguf output) to follow llama.cpp's rule")
+            from ..io.gguf_io import write_gguf
+            # the file type names the block type unless some matrices were skipped (which would
+            # then be rounded by the writer); per-tensor blocks (incl. fallbacks) are written as given
+            write_gguf(ckpt, path, quant=None if kept_quantizable else t.ggml_type, blocks=dict(t.ggml_blocks),
+                       progress=progress)
+            return "gguf"
+        if ext != ".bin" or target != "rwkvcpp":
+            raise QuantizeError(f"{path}: this checkpoint was quantized for "
+                                f"{'GGUF: write a .gguf file' if target == 'gguf' else 'rwkv.cpp: write a .bin file'}")
+        from ..io.rwkvcpp import write_rwkvcpp
         # the header names the block type unless tensors rwkv.cpp would quantize were skipped (the
         # writer would quantize them under a block data type)
         dt = t.ggml_type if not kept_quantizable else t.base_type
