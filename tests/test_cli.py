@@ -116,3 +116,25 @@ def test_eval_bad_options(tmp_path):
     assert res.exit_code == 2 and "no such text file" in res.output
     res = run("eval", out, "--text", txt, "--tokenizer", "neox")
     assert res.exit_code == 2 and "20B_tokenizer.json" in res.output
+
+
+@pytest.mark.parametrize("command", ["lowrank", "quantize", "convert"])
+def test_transform_validation_device(tmp_path, command):
+    """Every transform's perplexity check takes --device: auto/cpu run (the report names the backend);
+    an unusable device is a clear error before anything is written."""
+    src = tmp_path / "m.safetensors"
+    assert CliRunner().invoke(main, ["init", str(src), "--version", "7", "--layers", "2", "--dim", "64",
+                                     "--vocab", "256", "--head-size", "16"]).exit_code == 0
+    extra = {"lowrank": ["--rank", "0.5", "--method", "svd"], "quantize": ["--scheme", "int8"], "convert": []}[command]
+    out = tmp_path / "out.safetensors"
+    res = CliRunner().invoke(main, [command, str(src), str(out), *extra, "--eval-tokens", "64", "--device", "auto",
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["validation"]["backend"] == ("cuda" if torch.cuda.is_available() else "chunked")
+    bad = ["bogus"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for dev in bad:
+        dst = tmp_path / f"bad-{dev}.safetensors"
+        res = CliRunner().invoke(main, [command, str(src), str(dst), *extra, "--device", dev])
+        assert res.exit_code == 2 and "--device" in res.output and "Traceback" not in res.output, res.output
+        assert not dst.exists()

@@ -20,7 +20,7 @@ def output_guard(src: str, dst: str, force: bool) -> None:
 
 
 def validation_options(fn):
-    """--eval-text / --eval-tokens / --max-ppl-increase / --no-validate / --report / --json / --force"""
+    """--eval-text / --eval-tokens / --max-ppl-increase / --device / --no-validate / --report / --json / --force"""
     opts = [
         click.option("--eval-text", type=click.Path(), default=None,
                      help="Held-out text for perplexity before/after (default: the packaged held-out text)."),
@@ -30,6 +30,10 @@ def validation_options(fn):
         click.option("--encoding", default="utf-8", show_default=True, help="Byte encoding for the bytes tokenizer."),
         click.option("--max-ppl-increase", type=float, default=None,
                      help="Gate: fail (exit 1) when perplexity rises by more than this many percent."),
+        click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+                     callback=_device_option,
+                     help="Where the perplexity check (and heal's training) runs: auto = CUDA when there is "
+                          "one; on CUDA rwkvtools' WKV kernels are used (the report's 'backend' names them)."),
         click.option("--no-validate", is_flag=True, help="Skip the perplexity check."),
         click.option("--report", type=click.Path(), default=None, help="Also write the JSON report to this file."),
         click.option("--json", "as_json", is_flag=True, help="Print the JSON report."),
@@ -72,7 +76,37 @@ def run_validation(before, after, opts: dict) -> dict | None:
     spec = detect(before.tensors)
     toks = text_tokens(opts.get("eval_text"), spec.vocab, "heldout", opts.get("tokenizer", "auto"),
                        opts.get("eval_tokens"), opts.get("encoding", "utf-8"))
-    return validate_transform(before, after, toks, opts.get("max_ppl_increase"))
+    device = check_device(opts.get("device") or "auto")
+    return validate_transform(before, after, toks, opts.get("max_ppl_increase"), device=device)
+
+
+def _device_option(ctx, param, value):
+    """Checked when the command line is parsed, before anything is read or written."""
+    if value is None:
+        return value
+    try:
+        check_device(value)
+    except UserError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
+    return value
+
+
+def check_device(device: str) -> str:
+    """'auto', 'cpu', 'cuda' or 'cuda:N' -> a device usable on this machine; else a clear error
+    (exit 2). auto: the first CUDA device when there is one, else the CPU."""
+    import torch
+    d = str(device).strip().lower()
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if d == "cpu":
+        return d
+    if d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA device is available here (use --device cpu)")
+        if ":" in d and int(d[5:]) >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return d
+    raise UserError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
 
 
 def finish(report: dict, opts: dict) -> None:

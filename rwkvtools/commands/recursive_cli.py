@@ -201,7 +201,6 @@ def _recursive(src, dst, opts):
               help="Add this times the language-model loss to the KL divergence.")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (the run is deterministic for it).")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when there is one), cpu, cuda, cuda:N.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar with loss and tokens/s on stderr (default: in a terminal).")
 @validation_options
