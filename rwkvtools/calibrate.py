@@ -11,6 +11,8 @@ large model never holds more than one block's statistics and one copy of the act
 """
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Iterator
 
 import torch
@@ -117,6 +119,21 @@ def collect_grams(model, tokens, select: Callable[[str], bool], chunk_len: int =
     for _, g in calibrate_blocks(model, tokens, select, chunk_len):
         out.update(g)
     return out
+
+
+def check_calibration_options(error, calib_tokens, chunk_len, damp=None, damp_positive: bool = False) -> None:
+    """The checks every calibrated transform makes of its calibration options; raises ``error``
+    (the transform's own error class) with a message naming the bad option."""
+    if isinstance(calib_tokens, bool) or not isinstance(calib_tokens, int) or calib_tokens < 2:
+        raise error(f"calib_tokens must be an integer >= 2, got {calib_tokens!r}")
+    if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1:
+        raise error(f"chunk_len must be a positive integer, got {chunk_len!r}")
+    if damp is None:
+        return
+    bad = (isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp)
+           or (damp <= 0 if damp_positive else damp < 0))
+    if bad:
+        raise error(f"damp must be a finite number {'> 0' if damp_positive else '>= 0'}, got {damp!r}")
 
 
 def calibration_tokens(path: str | None, vocab: int, n: int, tokenizer: str = "auto",

@@ -40,6 +40,18 @@ def param(ctx: BuildContext, name: str, dtype=None, shape=None) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
+def add_linears(mod: nn.Module, ctx: BuildContext, prefix: str, *names: str) -> None:
+    """mod.<name> = the linear stored under prefix + name, for each name (in this order)."""
+    for n in names:
+        setattr(mod, n, make_linear(ctx, prefix + n))
+
+
+def add_ln_x(mod: nn.Module, ctx: BuildContext, prefix: str) -> None:
+    """The per-head group norm's affine of v5-v7 (fp32): mod.ln_x_w, mod.ln_x_b."""
+    mod.ln_x_w = param(ctx, prefix + "ln_x.weight", torch.float32)
+    mod.ln_x_b = param(ctx, prefix + "ln_x.bias", torch.float32)
+
+
 def group_norm(y: torch.Tensor, n_head: int, weight, bias, eps: float = GN_EPS) -> torch.Tensor:
     """Per-head normalisation of the WKV output y (B, T, A), fp32."""
     B, T, A = y.shape

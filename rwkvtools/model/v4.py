@@ -5,8 +5,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .common import param, token_shift
-from .linear import make_linear
+from .common import add_linears, param, token_shift
 
 
 def mix(xx, prev, mu):
@@ -24,10 +23,7 @@ class TimeMix(nn.Module):
         self.mix_r = param(ctx, p + "time_mix_r", shape=(C,))
         self.time_decay = param(ctx, p + "time_decay", torch.float32)
         self.time_first = param(ctx, p + "time_first", torch.float32)
-        self.key = make_linear(ctx, p + "key")
-        self.value = make_linear(ctx, p + "value")
-        self.receptance = make_linear(ctx, p + "receptance")
-        self.output = make_linear(ctx, p + "output")
+        add_linears(self, ctx, p, "key", "value", "receptance", "output")
 
     def forward(self, xx, st, v_first):
         prev = token_shift(xx, st["att_x"])
@@ -49,9 +45,7 @@ class ChannelMix(nn.Module):
         C = spec.n_embd
         self.mix_k = param(ctx, p + "time_mix_k", shape=(C,))
         self.mix_r = param(ctx, p + "time_mix_r", shape=(C,))
-        self.key = make_linear(ctx, p + "key")
-        self.value = make_linear(ctx, p + "value")
-        self.receptance = make_linear(ctx, p + "receptance")
+        add_linears(self, ctx, p, "key", "value", "receptance")
 
     def forward(self, xx, prev_state):
         prev = token_shift(xx, prev_state)

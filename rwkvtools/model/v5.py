@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .common import group_norm, param, token_shift
+from .common import add_linears, add_ln_x, group_norm, param, token_shift
 from .linear import make_linear
 from .v4 import ChannelMix, mix  # noqa: F401  (v5 channel-mix is v4's)
 
@@ -33,12 +33,8 @@ class TimeMix(nn.Module):
         else:
             self.bonus_log = True  # time_first: exp() gives the linear bonus
             self.bonus = nn.Parameter(ctx.get(p + "time_first", torch.float32).reshape(H, -1), requires_grad=False)
-        self.key = make_linear(ctx, p + "key")
-        self.value = make_linear(ctx, p + "value")
-        self.receptance = make_linear(ctx, p + "receptance")
-        self.output = make_linear(ctx, p + "output")
-        self.ln_x_w = param(ctx, p + "ln_x.weight", torch.float32)
-        self.ln_x_b = param(ctx, p + "ln_x.bias", torch.float32)
+        add_linears(self, ctx, p, "key", "value", "receptance", "output")
+        add_ln_x(self, ctx, p)
 
     def forward(self, xx, st, v_first):
         B, T, _ = xx.shape

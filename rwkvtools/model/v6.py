@@ -6,8 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .common import group_norm, param, token_shift
-from .linear import make_linear
+from .common import add_linears, add_ln_x, group_norm, param, token_shift
 
 # v6 log-decay floor (reference notes §9.4 item 2): a step with log-decay <= -60 multiplies the
 # state by <= 9e-27 either way; the clamp keeps every path finite and changes outputs < 1e-14.
@@ -28,13 +27,8 @@ class TimeMix(nn.Module):
         self.decay_w1 = param(ctx, p + "time_decay_w1")             # (C, Dd)
         self.decay_w2 = param(ctx, p + "time_decay_w2")             # (Dd, A)
         self.bonus = param(ctx, p + "time_faaaa", torch.float32, shape=(H, N))
-        self.key = make_linear(ctx, p + "key")
-        self.value = make_linear(ctx, p + "value")
-        self.receptance = make_linear(ctx, p + "receptance")
-        self.gate = make_linear(ctx, p + "gate")
-        self.output = make_linear(ctx, p + "output")
-        self.ln_x_w = param(ctx, p + "ln_x.weight", torch.float32)
-        self.ln_x_b = param(ctx, p + "ln_x.bias", torch.float32)
+        add_linears(self, ctx, p, "key", "value", "receptance", "gate", "output")
+        add_ln_x(self, ctx, p)
 
     def forward(self, xx, st, v_first):
         B, T, C = xx.shape
@@ -67,9 +61,7 @@ class ChannelMix(nn.Module):
         C = spec.n_embd
         self.maa_k = param(ctx, p + "time_maa_k", shape=(C,))
         self.maa_r = param(ctx, p + "time_maa_r", shape=(C,))
-        self.key = make_linear(ctx, p + "key")
-        self.value = make_linear(ctx, p + "value")
-        self.receptance = make_linear(ctx, p + "receptance")
+        add_linears(self, ctx, p, "key", "value", "receptance")
 
     def forward(self, xx, prev_state):
         prev = token_shift(xx, prev_state)

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .common import group_norm, param, token_shift
-from .linear import make_linear
+from .common import add_linears, add_ln_x, group_norm, param, token_shift
 
 DECAY_SCALE = math.exp(-0.5)  # log-decay = -e^{-0.5} * sigmoid(w0 + lora) in (-0.6065, 0)
 
@@ -35,12 +34,8 @@ class TimeMix(nn.Module):
         self.k_k = param(ctx, p + "k_k", shape=(C,))
         self.k_a = param(ctx, p + "k_a", shape=(C,))
         self.r_k = param(ctx, p + "r_k", torch.float32, shape=(H, N))
-        self.receptance = make_linear(ctx, p + "receptance")
-        self.key = make_linear(ctx, p + "key")
-        self.value = make_linear(ctx, p + "value")
-        self.output = make_linear(ctx, p + "output")
-        self.ln_x_w = param(ctx, p + "ln_x.weight", torch.float32)
-        self.ln_x_b = param(ctx, p + "ln_x.bias", torch.float32)
+        add_linears(self, ctx, p, "receptance", "key", "value", "output")
+        add_ln_x(self, ctx, p)
 
     def forward(self, xx, st, v_first):
         B, T, C = xx.shape
@@ -74,8 +69,7 @@ class ChannelMix(nn.Module):
         super().__init__()
         p = f"blocks.{i}.ffn."
         self.x_k = param(ctx, p + "x_k", shape=(spec.n_embd,))
-        self.key = make_linear(ctx, p + "key")
-        self.value = make_linear(ctx, p + "value")
+        add_linears(self, ctx, p, "key", "value")
 
     def forward(self, xx, prev_state):
         prev = token_shift(xx, prev_state)

@@ -83,12 +83,8 @@ class LowRankConfig:
             raise LowRankError(f"targets must be one of {', '.join(TARGET_SETS)}, got {self.targets!r}")
         if self.alloc not in ALLOCS:
             raise LowRankError(f"alloc must be one of {', '.join(ALLOCS)}, got {self.alloc!r}")
-        if not isinstance(self.calib_tokens, int) or self.calib_tokens < 2:
-            raise LowRankError(f"calib_tokens must be an integer >= 2, got {self.calib_tokens!r}")
-        if not isinstance(self.chunk_len, int) or self.chunk_len < 1:
-            raise LowRankError(f"chunk_len must be a positive integer, got {self.chunk_len!r}")
-        if not isinstance(self.damp, (int, float)) or not math.isfinite(self.damp) or self.damp < 0:
-            raise LowRankError(f"damp must be a finite number >= 0, got {self.damp!r}")
+        from ..calibrate import check_calibration_options
+        check_calibration_options(LowRankError, self.calib_tokens, self.chunk_len, self.damp)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -102,12 +102,8 @@ class QuantizeConfig:
             raise QuantizeError("--include is not available for ggml formats: the runtime's own quantizer rule decides "
                                 "which tensors are quantized (rwkv.cpp's, or llama.cpp's for GGUF); "
                                 "use --skip to keep some of them")
-        if not isinstance(self.calib_tokens, int) or self.calib_tokens < 2:
-            raise QuantizeError(f"calib_tokens must be an integer >= 2, got {self.calib_tokens!r}")
-        if not isinstance(self.chunk_len, int) or self.chunk_len < 1:
-            raise QuantizeError(f"chunk_len must be a positive integer, got {self.chunk_len!r}")
-        if not isinstance(self.damp, (int, float)) or not math.isfinite(self.damp) or self.damp <= 0:
-            raise QuantizeError(f"damp must be a finite number > 0, got {self.damp!r}")
+        from ..calibrate import check_calibration_options
+        check_calibration_options(QuantizeError, self.calib_tokens, self.chunk_len, self.damp, damp_positive=True)
         if not isinstance(self.block, int) or self.block < 1:
             raise QuantizeError(f"block must be a positive integer, got {self.block!r}")
         if self.clip and self.method == "rtn" and self.scheme in BLOCK_SCHEMES:

@@ -119,12 +119,8 @@ class RecursiveConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise RecursiveError(f"{name} must be an integer >= 0, got {v!r}")
-        if not isinstance(self.calib_tokens, int) or self.calib_tokens < 2:
-            raise RecursiveError(f"calib_tokens must be an integer >= 2, got {self.calib_tokens!r}")
-        if not isinstance(self.chunk_len, int) or self.chunk_len < 1:
-            raise RecursiveError(f"chunk_len must be a positive integer, got {self.chunk_len!r}")
-        if not isinstance(self.damp, (int, float)) or not math.isfinite(self.damp) or self.damp < 0:
-            raise RecursiveError(f"damp must be a finite number >= 0, got {self.damp!r}")
+        from ..calibrate import check_calibration_options
+        check_calibration_options(RecursiveError, self.calib_tokens, self.chunk_len, self.damp)
 
     def to_dict(self) -> dict:
         d = asdict(self)
