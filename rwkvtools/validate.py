@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import GateError, RwkvToolsError
+from .progress import progress_bar
 
 DEFAULT_CHUNK = 1024
 
@@ -34,15 +35,9 @@ class PerplexityResult:
 
 
 def _progress(total: int, enabled: bool | None):
-    if enabled is None:
+    if enabled is None:  # long texts in a terminal only
         enabled = total >= 4096 and sys.stderr.isatty()
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        enabled = False
-    if not enabled:
-        return None
-    return tqdm(total=total, unit="tok", file=sys.stderr, desc="perplexity", leave=False)
+    return progress_bar(total, "perplexity", enabled, unit="tok")
 
 
 @torch.inference_mode()

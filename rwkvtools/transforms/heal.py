@@ -19,7 +19,6 @@ them), so each parameter is written back under the name it came from.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import Checkpoint
 from ..errors import RwkvToolsError
+from ..progress import progress_bar
 
 TRAIN_GROUPS = ("auto", "lora", "lowrank", "shared", "all")
 
@@ -225,15 +225,7 @@ def _kl(ls, lt, temperature: float, reduction: str = "mean"):
 
 # --------------------------------------------------------------------------------------- heal
 def _progress(total: int, enabled: bool | None):
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, unit="tok", unit_scale=True, desc="heal", file=sys.stderr, leave=False)
+    return progress_bar(total, "heal", enabled, unit="tok", unit_scale=True)
 
 
 def _lr_at(step: int, steps: int, cfg: HealConfig) -> float:

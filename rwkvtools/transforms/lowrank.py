@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Iterator
@@ -53,6 +52,7 @@ CACHE_LIMIT_BYTES = 1 << 30
 
 
 from ..calibrate import calibration_tokens  # noqa: E402,F401  (one implementation, re-exported)
+from ..progress import progress_bar
 
 
 class LowRankError(RwkvToolsError):
@@ -244,13 +244,7 @@ def _tokens_digest(tokens) -> str:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, leave=False)
+    return progress_bar(total, desc, enabled, unit="layer")
 
 
 def iter_factors(ckpt: Checkpoint, cfg: LowRankConfig, prefixes: list[str], calib_tokens=None,

@@ -39,7 +39,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -64,6 +63,7 @@ V6_TRANSPOSED = ("time_maa_w1", "time_decay_w1", "time_decay_w2")
 
 
 from ..calibrate import calibration_tokens  # noqa: E402,F401  (one implementation, re-exported)
+from ..progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -335,13 +335,7 @@ def _tokens_digest(tokens) -> str:
 
 
 def _bar(total: int, desc: str, enabled: bool, unit: str):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
+    return progress_bar(total, desc, enabled, unit=unit)
 
 
 @dataclass

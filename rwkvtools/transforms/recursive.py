@@ -36,7 +36,6 @@ API (plan/apply)::
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -45,6 +44,7 @@ import torch
 from ..checkpoint import Checkpoint, tensor_dtype, tensor_shape
 from ..errors import RwkvToolsError
 from ..spec import SHARED_MAP, detect, shared_map
+from ..progress import progress_bar
 
 ORDERS = ("cycle", "sequence")
 INITS = ("stepwise", "average", "lower")
@@ -297,13 +297,7 @@ def plan(ckpt: Checkpoint, config: RecursiveConfig) -> dict:
 
 # --------------------------------------------------------------------------------------- apply
 def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, leave=False)
+    return progress_bar(total, desc, enabled, unit="layer")
 
 
 def _block_tensor(t: Mapping, rest: str, layers: list[int], own: list[int], init: str) -> torch.Tensor:
