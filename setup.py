@@ -26,7 +26,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7", "rwkv==0.8.32"],
+        "test": ["pytest>=7", "rwkv==0.8.32", "transformers>=4.40"],
         "gpu": ["ninja"],
     },
     entry_points={"console_scripts": ["rwkvtools=rwkvtools.cli:main"]},

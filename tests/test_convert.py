@@ -405,7 +405,7 @@ def test_pth_output_loads_in_chatrwkv(tmp_path, tiny_models):
 
 
 def test_hf_v4_output_loads_in_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="transformers is an optional test dependency")
+    import transformers  # test extra
     out = str(tmp_path / "hf4")
     convert(fixture_path("tiny-rwkv-4v0-660K.pth"), out)
     cfg = json.load(open(os.path.join(out, "config.json")))

@@ -205,7 +205,6 @@ def test_tied_small_tensors_are_stored_once(version, tmp_path):
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_version_exports_to_onnx(version, tmp_path):
-    pytest.importorskip("onnxruntime")
     from rwkvtools.export.onnx import export_onnx
     out = recursive(_ck(version), RecursiveConfig(blocks=2, lora_rank=3))
     mode = "sequence" if version in ("5.2", "7") else "step"

@@ -31,7 +31,7 @@ def test_world_matches_chatrwkv_trie_tokenizer():
 
 
 def test_neox_from_file(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     from tokenizers import models, pre_tokenizers
     tok = tokenizers.Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
