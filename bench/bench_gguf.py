@@ -41,7 +41,11 @@ def main():
     ap.add_argument("--models", default="fixture", help="comma list: fixture, 0.1b")
     ap.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (fixture; 0.1b uses --tokens-01b)")
     ap.add_argument("--tokens-01b", type=int, default=1024)
-    ap.add_argument("--calib-tokens", type=int, default=2048, help="GPTQ calibration tokens (packaged calib text)")
+    ap.add_argument("--calib-tokens", type=int, default=2048, help="GPTQ calibration tokens")
+    ap.add_argument("--calib", default=None, help="GPTQ calibration text (default: the packaged calib text)")
+    ap.add_argument("--gptq-types", default="Q8_0,Q4_0,Q4_K", help="comma list of types to GPTQ")
+    ap.add_argument("--baselines", default="f32,f16,rtn,llamacpp",
+                    help="comma list of the non-GPTQ rows to make: f32, f16, rtn, llamacpp (f32 is always written)")
     ap.add_argument("--out", default="/tmp/bench_gguf")
     ap.add_argument("--no-gptq", action="store_true")
     ap.add_argument("--no-ours-eval", action="store_true", help="skip rwkvtools' own evaluation of each file")
@@ -99,19 +103,22 @@ def run_model(model, args, lc):
           f"llama.cpp {'available' if lc else 'NOT available (rwkvtools eval only)'}")
     f32 = d / "f32.gguf"
     write_gguf(ck, str(f32), dtype="f32")
-    add("f32", f32, "rwkvtools", "-")
-    f16 = d / "f16.gguf"
-    write_gguf(ck, str(f16), dtype="f16")
-    add("f16", f16, "rwkvtools", "-")
-    for q in ("Q8_0", "Q4_0", "Q4_K"):
+    base = set(args.baselines.split(","))
+    if "f32" in base:
+        add("f32", f32, "rwkvtools", "-")
+    if "f16" in base:
+        f16 = d / "f16.gguf"
+        write_gguf(ck, str(f16), dtype="f16")
+        add("f16", f16, "rwkvtools", "-")
+    for q in (("Q8_0", "Q4_0", "Q4_K") if "rtn" in base else ()):
         p = d / f"ours-{q}-rtn.gguf"
         rep = write_gguf(ck, str(p), quant=q, embed_type=eh, head_type=eh)
         fb = f"{len(rep['fallbacks'])} demoted to {sorted({f['written'] for f in rep['fallbacks']})}" if rep["fallbacks"] else ""
         add(f"{q} emb/head {EH}", p, "rwkvtools", "rtn", fb)
     if not args.no_gptq:
         from rwkvtools.transforms.quantize import QuantizeConfig, QuantizeError, calibration_tokens, quantize
-        calib = calibration_tokens(None, ck.shape("emb.weight")[0], args.calib_tokens)
-        for q in ("Q8_0", "Q4_0", "Q4_K"):
+        calib = calibration_tokens(args.calib, ck.shape("emb.weight")[0], args.calib_tokens)
+        for q in args.gptq_types.split(","):
             try:
                 cfg = QuantizeConfig(scheme=q, method="gptq", calib_tokens=args.calib_tokens, target="gguf")
             except QuantizeError as e:
@@ -122,7 +129,7 @@ def run_model(model, args, lc):
             p = d / f"ours-{q}-gptq.gguf"
             write_gguf(qck, str(p), embed_type=eh, head_type=eh, dtype="f32")
             add(f"{q} emb/head {EH}", p, "rwkvtools", "gptq", f"GPTQ {time.time() - t0:.0f}s on {len(calib)} calib tokens")
-    if lc is not None:
+    if lc is not None and "llamacpp" in base:
         for ft in ("Q8_0", "Q4_0", "Q4_K_M"):
             p = d / f"llamacpp-{ft}-alike.gguf"
             lc.quantize(str(f32), str(p), ft, embed=EH, output=EH, threads=args.threads)
