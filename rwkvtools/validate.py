@@ -96,16 +96,15 @@ def head_nll_sum(head, h: torch.Tensor, y: torch.Tensor, vocab_block: int = 1024
     W = head.weight
     V = W.shape[0]
     lse = None
-    tgt = torch.empty(y.shape, dtype=torch.float32, device=h.device)
+    tgt = torch.zeros(y.shape, dtype=torch.float32, device=h.device)
     for v0 in range(0, V, vocab_block):
         v1 = min(v0 + vocab_block, V)
         logits = F.linear(h, W[v0:v1]).float()
         blk = torch.logsumexp(logits, -1)
         lse = blk if lse is None else torch.logaddexp(lse, blk)
-        hit = (y >= v0) & (y < v1)
-        if hit.any():
-            rows = hit.nonzero().squeeze(1)
-            tgt[rows] = logits[rows, y[rows] - v0]
+        # the target logit of the rows whose target lies in this block (no host sync on a GPU)
+        idx = (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
+        tgt += torch.where((y >= v0) & (y < v1), logits.gather(1, idx).squeeze(1), 0.0)
     return float((lse - tgt).sum())
 
 
