@@ -89,9 +89,11 @@ def wkv_diag_chunked(r, k, v, g, u, S, chunk: int | None = None, pairwise: bool 
     tri = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)   # i < t
     Rd = rc * torch.exp(Gex)
     if pairwise:
-        # E[t, i] = sum_{s=i+1}^{t-1} g_s, built as a masked suffix sum along each row
-        gm = gc.unsqueeze(1).expand(-1, L, L, N).masked_fill(~tri.unsqueeze(-1), 0.0)
-        E = _suffix_excl(gm).masked_fill(~tri.unsqueeze(-1), float("-inf"))
+        # E[t, i] = sum_{s=i+1}^{t-1} g_s for every pair at once: a 0/1 selection matrix
+        # (L*L, L) times g (one matmul; every term <= 0, so no cancellation, as a cumsum)
+        ar = torch.arange(L, device=r.device)
+        sel = ((ar.view(1, 1, L) > ar.view(1, L, 1)) & (ar.view(1, 1, L) < ar.view(L, 1, 1))).to(gc.dtype)
+        E = torch.matmul(sel.view(L * L, L), gc).view(-1, L, L, N).masked_fill(~tri.unsqueeze(-1), float("-inf"))
         A = (rc.unsqueeze(2) * kc.unsqueeze(1) * torch.exp(E)).sum(-1)
     else:
         A = torch.bmm(Rd, (kc * torch.exp(-G)).transpose(1, 2)).masked_fill_(~tri, 0.0)
