@@ -419,10 +419,8 @@ def apply(ckpt: Checkpoint, plan: dict, calib_tokens=None, progress: bool = Fals
           _cache: dict | None = None) -> Checkpoint:
     """Factor every matrix of ``plan`` to its planned rank (deterministic given the plan and the
     calibration tokens the plan was made with). Returns a new checkpoint; the input is untouched."""
-    if not isinstance(plan, dict) or plan.get("transform") != "lowrank" or "layers" not in plan:
-        raise LowRankError("not a lowrank plan (expected a dict from lowrank.plan())")
-    if plan.get("plan_format") != PLAN_FORMAT:
-        raise LowRankError(f"lowrank plan format {plan.get('plan_format')} is not supported (expected {PLAN_FORMAT})")
+    from . import check_plan
+    check_plan(plan, "lowrank", "layers", PLAN_FORMAT, LowRankError)
     cfg = LowRankConfig.from_dict(plan["config"])
     view = _model_view(ckpt)
     tensors = view.tensors

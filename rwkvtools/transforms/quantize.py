@@ -386,10 +386,8 @@ def _rtn_one(view, name, entry, cfg: QuantizeConfig, grid: Grid, base) -> _Resul
 def apply(ckpt: Checkpoint, plan: dict, calib_tokens=None, progress: bool = False) -> Checkpoint:
     """Quantize every tensor of ``plan`` (deterministic given the plan and the calibration tokens).
     Returns a new checkpoint; the input is untouched."""
-    if not isinstance(plan, dict) or plan.get("transform") != "quantize" or "tensors" not in plan:
-        raise QuantizeError("not a quantize plan (expected a dict from quantize.plan())")
-    if plan.get("plan_format") != PLAN_FORMAT:
-        raise QuantizeError(f"quantize plan format {plan.get('plan_format')} is not supported (expected {PLAN_FORMAT})")
+    from . import check_plan
+    check_plan(plan, "quantize", "tensors", PLAN_FORMAT, QuantizeError)
     cfg = QuantizeConfig.from_dict(plan["config"])
     grid = cfg.grid()
     view = _model_view(ckpt)

@@ -346,12 +346,9 @@ def _lora(d: torch.Tensor, r: int, gram, cfg: RecursiveConfig, gen: torch.Genera
 def apply(ckpt: Checkpoint, plan: dict, calib_tokens=None, progress: bool = False) -> Checkpoint:
     """Build the recursive checkpoint of ``plan``: shared blocks, tied tensors, per-layer LoRA
     factors, ``shared.map``. The input is untouched; deterministic given the plan (and calibration)."""
-    if not isinstance(plan, dict) or plan.get("transform") != "recursive" or "mapping" not in plan:
-        raise RecursiveError("not a recursive plan (expected a dict from recursive.plan())")
-    if plan.get("plan_format") != PLAN_FORMAT:
-        raise RecursiveError(f"recursive plan format {plan.get('plan_format')} is not supported (expected {PLAN_FORMAT})")
+    from . import check_plan, prepare_for_model
+    check_plan(plan, "recursive", "mapping", PLAN_FORMAT, RecursiveError)
     cfg = RecursiveConfig.from_dict(plan["config"])
-    from . import prepare_for_model
     ckpt = prepare_for_model(ckpt)
     t = ckpt.tensors
     if SHARED_MAP in t:
