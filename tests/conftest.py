@@ -47,3 +47,13 @@ def tiny_models():
 def max_rel(a, b):
     """max |a - b| / max(1, max |b|)"""
     return float((a - b).abs().max() / max(1.0, float(b.abs().max())))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one torch thread is as fast and does not stall on a busy machine. Modules
+    opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

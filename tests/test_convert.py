@@ -28,15 +28,7 @@ from conftest import VERSIONS, fixture_path, max_rel
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run tiny models: one thread is as fast, and does not collapse when the
-    machine is oversubscribed (measured: a 3-layer forward 0.02 s on 1 thread, 2.7 s on 2
-    threads under load 13)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TOKENS = torch.tensor([[5, 17, 3, 88, 42, 42, 0, 96, 11, 64, 2, 30, 7]])

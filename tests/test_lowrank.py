@@ -20,14 +20,7 @@ from rwkvtools.transforms.lowrank import (LowRankConfig, LowRankError, apply, en
                                           svd_factors, target_prefixes, whitened_factors)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These matrices are tiny: one thread avoids OpenMP spin-waits when the CPU is shared (with
-    2 threads on a busy 2-core machine a 64x64 eigh took 100 ms instead of 2 ms)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _toks(n, vocab=97, seed=0):

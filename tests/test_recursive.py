@@ -21,13 +21,7 @@ from rwkvtools.transforms.recursive import (RecursiveConfig, RecursiveError, app
                                             merge, plan, recursive)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is as fast and avoids oversubscribing a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ck(version, n_layer=4, seed=3):
