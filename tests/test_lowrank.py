@@ -3,15 +3,12 @@ parameter count it promises, --merge equals the factored model, whitening minimi
 error on the calibration inputs (and beats plain SVD on a trained model), every version's FFN,
 plan/apply determinism, manifest/inspect, CLI gate and errors."""
 import json
-import math
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from conftest import VERSIONS, fixture_path, max_rel, wikitext_bytes
-from rwkvtools.checkpoint import Checkpoint
-from rwkvtools.errors import RwkvToolsError
 from rwkvtools.model import build_model
 from rwkvtools.model.linear import DenseLinear, LowRankLinear
 from rwkvtools.random_init import random_checkpoint

@@ -4,7 +4,6 @@ version collapses / loads (.safetensors and .pth) / merges / exports to ONNX, th
 exist once in memory, tied small tensors, whitened LoRA beats plain SVD on the calibration
 inputs, fp16 rescale leaves shared weights alone, hostile files, CLI."""
 import json
-import math
 
 import pytest
 import torch
