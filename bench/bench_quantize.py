@@ -45,12 +45,18 @@ def quality(args):
     from rwkvtools.transforms.quantize import QuantizeConfig, quantize, write_quantized
     from rwkvtools.validate import perplexity
     fx = os.path.join(SHARED, "fixtures", "tiny-rwkv-5v2-730K-FP32.bin")
-    ev = list(open(os.path.join(SHARED, "data", "wikitext-2-test.txt"), "rb").read()[:args.eval_bytes])
-    cal = list(open(os.path.join(SHARED, "data", "wikitext-2-valid.txt"), "rb").read()[:args.calib_bytes])
+    test = open(os.path.join(SHARED, "data", "wikitext-2-test.txt"), "rb").read()
+    ev = list(test[:args.eval_bytes])
+    # more slices of the test text (the goal is on the first): how much of a difference is luck
+    slices = [list(test[i * args.eval_bytes:(i + 1) * args.eval_bytes]) for i in range(1, args.slices)]
+    valid = open(os.path.join(SHARED, "data", "wikitext-2-valid.txt"), "rb").read()
+    cal = list(valid[:max(args.calib_bytes, args.tune_bytes)])   # gptq: the first calib-bytes; tuning: all
     src = read_checkpoint(fx).materialize()
-    p0 = perplexity(build_model(src), ev).ppl
+    m0 = build_model(src)
+    p0 = perplexity(m0, ev).ppl
+    s0 = [perplexity(m0, x).ppl for x in slices]
     tmp = tempfile.mkdtemp(prefix="rwkvq-")
-    rows = [("fp32 (source)", "-", None, p0, os.path.getsize(fx), RWKVCPP["FP32"], None)]
+    rows = [("fp32 (source)", "-", None, p0, os.path.getsize(fx), RWKVCPP["FP32"], None, 0.0)]
     variants = [("int8", {}), ("int4", {"group_size": 32}), ("int4", {"group_size": 64}),
                 ("Q4_0", {}), ("Q4_1", {}), ("Q5_0", {}), ("Q5_1", {}), ("Q8_0", {})]
     extra = [("int4", {"group_size": 64, "clip": True}, "rtn"),
@@ -58,13 +64,21 @@ def quality(args):
              ("int4", {"group_size": 64, "act_order": True}, "gptq"),
              ("int4", {"group_size": 64, "act_order": True, "clip": True}, "gptq"),
              ("Q4_0", {"clip": True}, "gptq"), ("Q4_0", {"act_order": True}, "gptq")]
+    if args.tune_steps:
+        tune = {"tune_steps": args.tune_steps, "tune_tokens": args.tune_bytes}
+        extra += [("Q4_0", dict(tune), "gptq"), ("Q4_0", dict(tune), "rtn"),
+                  ("int4", {"group_size": 64, **tune}, "gptq"), ("Q5_0", dict(tune), "gptq")]
     runs = [(s, o, m) for s, o in variants for m in ("rtn", "gptq")] + extra
-    print(f"v5.2 fixture: fp32 ppl {p0:.4f} on {len(ev)} bytes of wikitext-2-test; gptq calibrated on "
-          f"{len(cal)} bytes of wikitext-2-valid", flush=True)
+    if args.only:
+        runs = [r for r in runs if r[0] == args.only.split(":")[0] and (":" not in args.only or
+                                                                         r[1].get("tune_steps"))]
+    print(f"v5.2 fixture: fp32 ppl {p0:.4f} on {len(ev)} bytes of wikitext-2-test; gptq calibrated on the first "
+          f"{args.calib_bytes} bytes of wikitext-2-valid" + (f", scale tuning on its first {args.tune_bytes}"
+                                                             if args.tune_steps else ""), flush=True)
     for scheme, opts, method in runs:
-        cfg = QuantizeConfig(scheme, method=method, calib_tokens=len(cal), **opts)
+        cfg = QuantizeConfig(scheme, method=method, calib_tokens=args.calib_bytes, **opts)
         t0 = time.perf_counter()
-        q = quantize(src, cfg, cal if method == "gptq" else None)
+        q = quantize(src, cfg, cal if (method == "gptq" or cfg.tuning) else None)
         dt = time.perf_counter() - t0
         ext = ".bin" if cfg.is_ggml else ".safetensors"
         path = os.path.join(tmp, f"q{ext}")
@@ -72,18 +86,27 @@ def quality(args):
         size = os.path.getsize(path)
         m = build_model(read_checkpoint(path))
         p = perplexity(m, ev).ppl
+        more = [100 * (perplexity(m, x).ppl / b - 1) for x, b in zip(slices, s0)]
         label = scheme + (f" g{cfg.group_size}" if scheme == "int4" else "") + \
-            "".join(f" +{k}" for k in ("act_order", "clip") if opts.get(k))
+            "".join(f" +{k}" for k in ("act_order", "clip") if opts.get(k)) + (" +tune" if cfg.tuning else "")
         ref = RWKVCPP.get(scheme) if method == "rtn" and not opts else None
-        rows.append((label, method, q.manifest["quantized"]["bits_per_weight"], p, size, ref, dt))
-        print(f"  {label:22s} {method:4s} ppl {p:.4f} ({100 * (p / p0 - 1):+.3f}%)  {dt:.1f} s", flush=True)
+        inc = 100 * (p / p0 - 1)
+        mean = (inc + sum(more)) / (1 + len(more))
+        rows.append((label, method, q.manifest["quantized"]["bits_per_weight"], p, size, ref, dt, mean))
+        tl = q.manifest["quantized"].get("tuning")
+        tinfo = (f"  held-out KL {tl['heldout_kl_before']:.4f} -> {tl['heldout_kl_after']:.4f}"
+                 f"{'' if tl['kept'] else ' (not kept)'}") if tl else ""
+        print(f"  {label:22s} {method:4s} ppl {p:.4f} ({inc:+.3f}%)" +
+              (f"  mean over {1 + len(more)} slices {mean:+.3f}%" if more else "") + f"  {dt:.1f} s{tinfo}", flush=True)
     print()
-    print("| scheme | method | bits/weight (quantized matrices) | file bytes | ppl | increase | rwkv.cpp ppl (its increase) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for label, method, bpw, p, size, ref, _ in rows:
+    ms = f" mean increase, {args.slices} slices |" if slices else ""
+    print(f"| scheme | method | bits/weight (quantized matrices) | file bytes | ppl | increase |{ms} rwkv.cpp ppl (its increase) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if slices else ""))
+    for label, method, bpw, p, size, ref, _, mean in rows:
         refs = f"{ref:.4f} ({100 * (ref / RWKVCPP['FP32'] - 1):+.3f}%)" if ref else ""
+        mcol = f" {mean:+.3f}% |" if slices else ""
         print(f"| {label} | {method} | {'' if bpw is None else f'{bpw:.3f}'} | {size:,} | {p:.4f} | "
-              f"{100 * (p / p0 - 1):+.3f}% | {refs} |")
+              f"{100 * (p / p0 - 1):+.3f}% |{mcol} {refs} |")
     q40 = 100 * (RWKVCPP["Q4_0"] / RWKVCPP["FP32"] - 1)
     best4 = min((r for r in rows if r[2] is not None and r[2] <= 4.5), key=lambda r: r[3])
     i8 = [r for r in rows if r[0] == "int8"]
@@ -271,6 +294,10 @@ def main():
     ap.add_argument("part", choices=["quality", "memory", "onnx", "all"])
     ap.add_argument("--eval-bytes", type=int, default=8192)
     ap.add_argument("--calib-bytes", type=int, default=8192)
+    ap.add_argument("--tune-steps", type=int, default=200, help="quality: rows with --tune-steps (0: none)")
+    ap.add_argument("--tune-bytes", type=int, default=262144, help="quality: calibration bytes for tuning")
+    ap.add_argument("--slices", type=int, default=1, help="quality: also the mean over this many test slices")
+    ap.add_argument("--only", default=None, help="quality: one scheme (e.g. Q4_0), or Q4_0:tune for its tuned rows")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--steps", type=int, default=64)

@@ -80,6 +80,11 @@ class QuantizeConfig:
     act_order: bool = False          # gptq: columns by decreasing input energy (static groups)
     clip: bool = False               # search a shrunk range per group (gptq; rtn for int8/int4)
     target: str = "rwkvcpp"          # block schemes: rwkv.cpp .bin (its tensor rule) or "gguf" (llama.cpp's)
+    tune_steps: int = 0              # > 0: train the scales end to end afterwards (rwkvtools.tune)
+    tune_lr: float = 3e-3            # tuning: Adam learning rate of the log-scales
+    tune_tokens: int = 262144        # tuning: calibration tokens drawn from (the last eighth held out)
+    tune_batch: int = 16             # tuning: sequences per step
+    tune_seq: int = 512              # tuning: tokens per sequence
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -106,9 +111,28 @@ class QuantizeConfig:
         check_calibration_options(QuantizeError, self.calib_tokens, self.chunk_len, self.damp, damp_positive=True)
         if not isinstance(self.block, int) or self.block < 1:
             raise QuantizeError(f"block must be a positive integer, got {self.block!r}")
+        self._check_tuning()
         if self.clip and self.method == "rtn" and self.scheme in BLOCK_SCHEMES:
             raise QuantizeError("clip with rtn is not available for ggml formats: rtn writes exactly the bytes of "
                                 "ggml's reference quantizer; use --method gptq for searched block scales")
+
+    def _check_tuning(self):
+        for k in ("tune_steps", "tune_tokens", "tune_batch", "tune_seq"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "tune_steps" else 1):
+                raise QuantizeError(f"{k} must be {'a non-negative' if k == 'tune_steps' else 'a positive'} "
+                                    f"integer, got {v!r}")
+        if self.tune_seq < 2 or self.tune_tokens < 4:
+            raise QuantizeError("tuning needs sequences of at least 2 tokens and at least 4 calibration tokens")
+        if not (isinstance(self.tune_lr, (int, float)) and math.isfinite(self.tune_lr) and self.tune_lr > 0):
+            raise QuantizeError(f"tune_lr must be a positive number, got {self.tune_lr!r}")
+        if self.tune_steps and self.scheme in KQUANT_SCHEMES:
+            raise QuantizeError(f"scale tuning is not available for the K-quants ({self.scheme}): their scales are "
+                                "6-bit codes under a super-block scale; use Q4_0..Q8_0, int8 or int4")
+
+    @property
+    def tuning(self) -> bool:
+        return self.tune_steps > 0
 
     @property
     def is_ggml(self) -> bool:
@@ -126,7 +150,10 @@ class QuantizeConfig:
         if self.scheme not in BLOCK_SCHEMES:
             d.pop("target")
         if self.method == "rtn":
-            for k in ("calib_tokens", "chunk_len", "damp", "block", "act_order"):
+            for k in ("calib_tokens", "damp", "block", "act_order") + (() if self.tuning else ("chunk_len",)):
+                d.pop(k)
+        if not self.tuning:
+            for k in ("tune_steps", "tune_lr", "tune_tokens", "tune_batch", "tune_seq"):
                 d.pop(k)
         return d
 
@@ -347,6 +374,7 @@ class _Result:
     blocks: np.ndarray | None = None       # ggml bytes (file layout)
     rel_error: float = 0.0
     output_rel_error: float | None = None
+    tuned: bool = False                    # scales trained end to end (rwkvtools.tune)
 
 
 def _weight(view: Checkpoint, name: str, base: str | None) -> torch.Tensor:
@@ -383,9 +411,9 @@ def _rtn_one(view, name, entry, cfg: QuantizeConfig, grid: Grid, base) -> _Resul
     return _Result("rtn", q=q, params=ps, deq=dq, rel_error=_rel(w, dq))
 
 
-def apply(ckpt: Checkpoint, plan: dict, calib_tokens=None, progress: bool = False) -> Checkpoint:
+def apply(ckpt: Checkpoint, plan: dict, calib_tokens=None, progress: bool = False, device="cpu") -> Checkpoint:
     """Quantize every tensor of ``plan`` (deterministic given the plan and the calibration tokens).
-    Returns a new checkpoint; the input is untouched."""
+    Returns a new checkpoint; the input is untouched. ``device``: where scale tuning runs."""
     from . import check_plan
     check_plan(plan, "quantize", "tensors", PLAN_FORMAT, QuantizeError)
     cfg = QuantizeConfig.from_dict(plan["config"])
@@ -405,14 +433,16 @@ def apply(ckpt: Checkpoint, plan: dict, calib_tokens=None, progress: bool = Fals
     results: dict[str, _Result] = {}
     gptq_prefixes = {e["prefix"]: n for n, e in entries.items() if e["method"] == "gptq"}
     calib = None
-    if gptq_prefixes:
+    if gptq_prefixes or cfg.tuning:
         if calib_tokens is None:
-            raise QuantizeError("method 'gptq' needs calibration tokens")
+            raise QuantizeError(f"{'method gptq' if gptq_prefixes else 'scale tuning'} needs calibration tokens")
         ntok = int(torch.as_tensor(calib_tokens).numel())
         if ntok < 2:
             raise QuantizeError(f"calibration needs at least 2 tokens, got {ntok}")
         calib = {"tokens": ntok, "sha256": _tokens_digest(calib_tokens)}
-        results.update(_run_gptq(view, entries, gptq_prefixes, calib_tokens, cfg, grid, base, progress))
+    if gptq_prefixes:
+        gtoks = torch.as_tensor(calib_tokens, dtype=torch.long).flatten()[:cfg.calib_tokens]
+        results.update(_run_gptq(view, entries, gptq_prefixes, gtoks, cfg, grid, base, progress))
     rest = [n for n in entries if n not in results]
     bar = _bar(len(rest), f"quantize {cfg.scheme} rtn", progress and len(rest) > 8, "tensor")
     for name in rest:
@@ -421,7 +451,63 @@ def apply(ckpt: Checkpoint, plan: dict, calib_tokens=None, progress: bool = Fals
             bar.update(1)
     if bar is not None:
         bar.close()
-    return _assemble(view, plan, cfg, grid, results, calib)
+    tuning = _tune(view, entries, cfg, results, calib_tokens, base, progress, device) if cfg.tuning else None
+    return _assemble(view, plan, cfg, grid, results, calib, tuning)
+
+
+def _tune(view, entries, cfg: QuantizeConfig, results: dict, calib_tokens, base, progress, device="cpu") -> dict:
+    """End-to-end scale tuning (rwkvtools.tune) of every quantized linear the model runs (not the
+    K-quant tensors of a GGUF plan); updates ``results`` in place when the held-out KL improves."""
+    from ..model import build_model
+    from ..tune import ggml_scales, int_scales, tune_scales
+    scales, names = {}, {}
+    for name, e in entries.items():
+        p, qt = e.get("prefix"), e.get("qtype", cfg.scheme)
+        if not p or name != f"{p}.weight" or qt in KQUANT_SCHEMES:
+            continue
+        r = results[name]
+        if cfg.is_ggml:
+            ts = ggml_scales(qt, r.blocks, _file_layout(name, r.deq, e))
+            ts.transposed = e.get("layout") == "transposed"
+        else:
+            ts = int_scales(cfg.scheme, r.q, r.params)
+        scales[p], names[p] = ts, name
+    if not scales:
+        raise QuantizeError("scale tuning: no quantized linear the model runs (nothing to tune)")
+    teacher = build_model(view, device=device, dtype=torch.float32)
+    student_tensors = {k: (results[k].deq if k in results else view.tensors[k]) for k in view.tensors}
+    student = build_model(Checkpoint(student_tensors, view.manifest, view.source), device=device, dtype=torch.float32)
+    toks = torch.as_tensor(calib_tokens, dtype=torch.long).flatten()[:cfg.tune_tokens]
+    scales = {p: ts.to(device) for p, ts in scales.items()}
+    rep = tune_scales(teacher, student, scales, toks, cfg.tune_steps, lr=cfg.tune_lr, batch=cfg.tune_batch,
+                      seq=cfg.tune_seq, progress=progress)
+    new = rep.pop("scales")
+    rep["tensors"] = len(scales)
+    if not rep["kept"]:
+        return rep
+    for p, sm in new.items():
+        s, m = (None if v is None else v.cpu() for v in sm)
+        name, ts, r, e = names[p], scales[p].to("cpu"), results[names[p]], entries[names[p]]
+        if cfg.is_ggml:
+            qt = e.get("qtype", cfg.scheme)
+            raw = np.array(r.blocks, dtype=np.uint8).reshape(-1, ggml_quants.block_bytes(qt))
+            raw[:, 0:2] = s.reshape(-1).numpy().astype(np.float16).view(np.uint8).reshape(-1, 2)
+            if m is not None:
+                raw[:, 2:4] = m.reshape(-1).numpy().astype(np.float16).view(np.uint8).reshape(-1, 2)
+            r.blocks = raw.reshape(-1)
+            shape = tuple(e["shape"])
+            dq = torch.from_numpy(ggml_quants.dequantize(qt, r.blocks, math.prod(shape))).reshape(shape)
+            r.deq = _file_layout(name, dq, e)
+        else:
+            if cfg.scheme == "int8":
+                r.params = [(s.reshape(-1),)]
+            else:
+                r.params = [(s[:, k], pz[1]) for k, pz in enumerate(r.params)]
+            r.deq = ts.weight(s, None)
+        r.rel_error = _rel(_weight(view, name, base), r.deq)
+        r.output_rel_error = None
+        r.tuned = True
+    return rep
 
 
 def _run_gptq(view, entries, gptq_prefixes, calib_tokens, cfg, grid, base, progress) -> dict[str, _Result]:
@@ -484,7 +570,7 @@ class GGMLTensors(LazyTensors):
 
 
 def _assemble(view: Checkpoint, plan: dict, cfg: QuantizeConfig, grid: Grid, results: dict[str, _Result],
-              calib: dict | None) -> Checkpoint:
+              calib: dict | None, tuning: dict | None = None) -> Checkpoint:
     src = view.tensors
     per_tensor = {}
     bytes_before = bytes_after = 0
@@ -496,6 +582,8 @@ def _assemble(view: Checkpoint, plan: dict, cfg: QuantizeConfig, grid: Grid, res
                             "bits_per_weight": bpw, "rel_error": r.rel_error}
         if r.output_rel_error is not None:
             per_tensor[name]["output_rel_error"] = r.output_rel_error
+        if r.tuned:
+            per_tensor[name]["tuned"] = True
         bytes_before += n * torch.tensor([], dtype=tensor_dtype(src, name)).element_size()
         bytes_after += int(round(n * bpw / 8))
     if cfg.is_ggml:
@@ -525,11 +613,16 @@ def _assemble(view: Checkpoint, plan: dict, cfg: QuantizeConfig, grid: Grid, res
                    f"{f' g{cfg.group_size}' if cfg.scheme == 'int4' else ''} by {cfg.method}, "
                    f"{plan['bits_per_weight']:.3f} bits/weight, {len(plan['kept'])} tensors kept; "
                    f"relative weight error mean {sum(errs) / len(errs):.4g}, max {max(errs):.4g}")
+    if tuning is not None:
+        summary_txt += (f"; scales tuned ({tuning['steps']} steps): held-out KL {tuning['heldout_kl_before']:.4g} -> "
+                        f"{tuning['heldout_kl_after']:.4g}" + ("" if tuning["kept"] else ", not better: rounded scales kept"))
     summary = {"scheme": cfg.scheme, "method": cfg.method,
                **({"group_size": cfg.group_size} if cfg.scheme == "int4" else {}),
                "bits_per_weight": plan["bits_per_weight"], "quantized_params": n_q,
                "quantized_bytes_before": bytes_before, "quantized_bytes_after": bytes_after,
                "tensors": per_tensor, "kept": plan["kept"], "summary": summary_txt}
+    if tuning is not None:
+        summary["tuning"] = tuning
     if cfg.is_ggml:
         summary["format"] = "gguf" if cfg.target == "gguf" else "rwkv.cpp"
         summary["base_type"] = plan.get("base_type", "FP32")
@@ -537,13 +630,15 @@ def _assemble(view: Checkpoint, plan: dict, cfg: QuantizeConfig, grid: Grid, res
             summary["fallbacks"] = plan["fallbacks"]
     entry = {"transform": "quantize", "options": cfg.to_dict(), "calibration": calib,
              "plan": {k: v for k, v in plan.items() if k not in ("tensors", "kept")},
-             "results": {"rel_error_mean": sum(errs) / len(errs), "rel_error_max": max(errs)}}
+             "results": {"rel_error_mean": sum(errs) / len(errs), "rel_error_max": max(errs),
+                         **({"tuning": tuning} if tuning is not None else {})}}
     return view.with_tensors(tensors, entry=entry, quantized=summary)
 
 
-def quantize(ckpt: Checkpoint, config: QuantizeConfig, calib_tokens=None, progress: bool = False) -> Checkpoint:
+def quantize(ckpt: Checkpoint, config: QuantizeConfig, calib_tokens=None, progress: bool = False,
+             device="cpu") -> Checkpoint:
     """plan + apply."""
-    return apply(ckpt, plan(ckpt, config), calib_tokens, progress)
+    return apply(ckpt, plan(ckpt, config), calib_tokens, progress, device)
 
 
 # ---------------------------------------------------------------------------------------- misc
