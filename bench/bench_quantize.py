@@ -1,6 +1,7 @@
 """Benchmark of `rwkvtools quantize` (issue 7): quality, memory/speed, ONNX per-token latency.
 
-    python bench/bench_quantize.py quality [--eval-bytes 8192] [--calib-bytes 8192]
+    python bench/bench_quantize.py quality [--eval-bytes 8192] [--calib-bytes 8192] [--slices 8]
+                                           [--tune-steps 200] [--tune-bytes 262144] [--only Q4_0[:tune]]
     python bench/bench_quantize.py memory  [--tokens 2048] [--repeats 2]
     python bench/bench_quantize.py onnx    [--steps 64]
     python bench/bench_quantize.py all
@@ -8,7 +9,9 @@
 quality: the trained v5.2 fixture (tiny-rwkv-5v2-730K-FP32.bin), perplexity on the first 8192
 bytes of wikitext-2-test, every scheme x {rtn, gptq} (gptq calibrated on the first 8192 bytes of
 wikitext-2-valid), bits per weight of the quantized matrices and the size of the written file,
-beside rwkv.cpp's own files measured by rwkv.cpp (numbers from the issue).
+beside rwkv.cpp's own files measured by rwkv.cpp (numbers from the issue); rows with scale tuning
+(--tune-steps, on the first --tune-bytes of wikitext-2-valid); --slices N adds the mean increase
+over the first N slices of --eval-bytes of the test text (the goal is on the first).
 
 memory: a random RWKV-7 of the 0.1B shape (12 layers, dim 768, vocab 65536): bytes the model's
 block matrices occupy in memory (embedding and head counted apart), peak RSS and tokens/s of

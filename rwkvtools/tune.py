@@ -167,6 +167,9 @@ def tune_scales(teacher, student, scales: dict[str, TensorScales], tokens, steps
     if seqs_all.numel() < 2 * seq:
         seq = max(2, seqs_all.numel() // 2)
     seqs = _sequences(seqs_all, seq).to(next(student.parameters()).device)
+    if seqs.shape[0] < 2:
+        raise RwkvToolsError(f"scale tuning needs at least 4 calibration tokens (two sequences: one to train on, one "
+                             f"held out); the calibration text gives {seqs_all.numel()}")
     n_val = max(1, seqs.shape[0] // 8)
     train, val = seqs[:-n_val], seqs[-n_val:]
     old = {}

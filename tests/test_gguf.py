@@ -752,7 +752,8 @@ def test_llamacpp_v7_fixture_logits(tmp_path, shared):
 
 @pytest.mark.llamacpp
 def test_llamacpp_runs_our_gptq_gguf(tmp_path, shared):
-    """GPTQ-calibrated blocks (32-value types and K-quants) in a GGUF that llama.cpp runs as it is."""
+    """GPTQ-calibrated blocks (32-value types and K-quants), and Q5_1 blocks whose scales and
+    offsets were tuned (--tune-steps), in GGUFs that llama.cpp runs as they are."""
     from rwkvtools.transforms.quantize import QuantizeConfig, quantize, write_quantized
     run = _runner()
     ck = read_checkpoint(fixture_path("tiny-rwkv-7v0-834K.pth"))
@@ -762,6 +763,11 @@ def test_llamacpp_runs_our_gptq_gguf(tmp_path, shared):
         p = tmp_path / f"gptq-{qtype}.gguf"
         write_quantized(quantize(ck, QuantizeConfig(qtype, method="gptq", target="gguf", calib_tokens=1024), calib), str(p))
         files.append((p, qtype))
+    tuned = quantize(ck, QuantizeConfig("Q5_1", target="gguf", tune_steps=20, tune_seq=128, tune_batch=4), calib)
+    assert tuned.manifest["quantized"]["tuning"]["kept"] and tuned.manifest["quantized"]["tuning"]["tensors"] > 0
+    p = tmp_path / "tuned-Q5_1.gguf"
+    write_quantized(tuned, str(p))
+    files.append((p, "Q5_1"))
     _check_in_llamacpp(run, files, list(wikitext_tokens(48)))
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import DATA, VERSIONS, fixture_path
+from rwkvtools.errors import RwkvToolsError
 from rwkvtools.gptq import make_grid, rtn
 from rwkvtools.io import ggml_quants
 from rwkvtools.model import build_model
@@ -157,6 +158,8 @@ def test_tuning_options_are_checked():
 def test_tuning_needs_calibration_tokens(tiny_models):
     with pytest.raises(QuantizeError, match="calibration tokens"):
         quantize(tiny_models["7"], QuantizeConfig("int8", tune_steps=3))
+    with pytest.raises(RwkvToolsError, match="at least 4 calibration tokens"):
+        quantize(tiny_models["7"], QuantizeConfig("int8", tune_steps=3), [1, 2, 3])
 
 
 def test_cli_tune_report_and_errors(tmp_path):
