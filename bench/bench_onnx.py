@@ -136,7 +136,8 @@ def main():
     step_bytes = sum(v.numel() * 4 for k, v in ck.tensors.items() if k != "emb.weight") + C * 4
     paths = {}
     t0 = time.perf_counter()
-    for name, kw in (("step", {"mode": "step"}), ("seq", {"mode": "sequence", "chunk_len": args.chunk_len}),
+    for name, kw in (("step", {"mode": "step"}), ("step_conv", {"mode": "step", "linear_op": "conv"}),
+                     ("seq", {"mode": "sequence", "chunk_len": args.chunk_len}),
                      ("seq_last", {"mode": "sequence", "chunk_len": args.chunk_len, "logits": "last"})):
         paths[name] = os.path.join(tmp, f"{name}.onnx")
         export_onnx(ck, paths[name], validate=False, progress=False, **kw)
@@ -152,25 +153,35 @@ def main():
     st_shapes = {k: v.shape for k, v in model.init_state(1).items()}
 
     # --- correctness spot check: 8 steps of the step graph against the torch model
-    state = {f"state_in_{k}": np.zeros(s, np.float32) for k, s in st_shapes.items()}
-    ref_st, diff = None, 0.0
-    with torch.inference_mode():
-        for t in range(8):
-            out = sess["step"].run(None, {"tokens": tnp[:, t:t + 1], **state})
-            names = [o.name for o in sess["step"].get_outputs()]
-            res = dict(zip(names, out))
-            state = {f"state_in_{k}": res[f"state_out_{k}"] for k in st_shapes}
-            lr, ref_st = model(toks[:, t:t + 1], ref_st)
-            diff = max(diff, float(np.abs(res["logits"] - lr.numpy()).max()))
+    diffs = {}
+    for g in ("step", "step_conv"):
+        state = {f"state_in_{k}": np.zeros(s, np.float32) for k, s in st_shapes.items()}
+        ref_st, diff = None, 0.0
+        with torch.inference_mode():
+            for t in range(8):
+                out = sess[g].run(None, {"tokens": tnp[:, t:t + 1], **state})
+                names = [o.name for o in sess[g].get_outputs()]
+                res = dict(zip(names, out))
+                state = {f"state_in_{k}": res[f"state_out_{k}"] for k in st_shapes}
+                lr, ref_st = model(toks[:, t:t + 1], ref_st)
+                diff = max(diff, float(np.abs(res["logits"] - lr.numpy()).max()))
+        diffs[g] = diff
+    diff = max(diffs.values())
 
     bw0 = read_bandwidth_gbs(args.threads)
 
     # --- step latency
-    def ort_step(i, _st={"s": None}):
-        s = _st["s"] or {f"state_in_{k}": np.zeros(sh, np.float32) for k, sh in st_shapes.items()}
-        out = sess["step"].run(None, {"tokens": tnp[:, i:i + 1], **s})
-        _st["s"] = {f"state_in_{k}": o for k, o in zip(st_shapes, out[1:])}
+    def stepper(graph):
+        st = {"s": None}
+
+        def step(i):
+            s = st["s"] or {f"state_in_{k}": np.zeros(sh, np.float32) for k, sh in st_shapes.items()}
+            out = sess[graph].run(None, {"tokens": tnp[:, i:i + 1], **s})
+            st["s"] = {f"state_in_{k}": o for k, o in zip(st_shapes, out[1:])}
+        return step
+    ort_step, conv_step = stepper("step"), stepper("step_conv")
     ort_ms, ort_min = median_step_ms(ort_step, args.steps)
+    conv_ms, conv_min = median_step_ms(conv_step, args.steps)
 
     def torch_step(i, _st={"s": None}):
         with torch.inference_mode():
@@ -185,11 +196,13 @@ def main():
     for _ in range(args.rounds):
         bw_r = read_bandwidth_gbs(args.threads, reps=3)["gbs"]
         st_r, _ = median_step_ms(ort_step, max(8, args.steps // 3), warm=1)
+        cv_r, _ = median_step_ms(conv_step, max(8, args.steps // 3), warm=1)
         fl_r, _ = median_step_ms(lambda i: floor_sess.run(None, floor_feed), max(8, args.steps // 3), warm=1)
         b_r = step_bytes / (bw_r * 1e9) * 1000
-        rounds.append({"gbs": bw_r, "bound_ms": b_r, "step_ms": st_r, "matmul_floor_ms": fl_r,
-                       "step_x_bound": st_r / b_r, "floor_x_bound": fl_r / b_r})
+        rounds.append({"gbs": bw_r, "bound_ms": b_r, "step_ms": st_r, "conv_step_ms": cv_r, "matmul_floor_ms": fl_r,
+                       "step_x_bound": st_r / b_r, "conv_x_bound": cv_r / b_r, "floor_x_bound": fl_r / b_r})
     r_step = statistics.median(r["step_x_bound"] for r in rounds)
+    r_conv = statistics.median(r["conv_x_bound"] for r in rounds)
     r_floor = statistics.median(r["floor_x_bound"] for r in rounds)
 
     # --- prefill
@@ -244,23 +257,29 @@ def main():
 
     print(f"model: random RWKV-7 0.1B shape (L={L}, C={C}, V={V}), {params / 1e6:.1f}M params; "
           f"threads {args.threads}; onnxruntime {ort.__version__}, torch {torch.__version__}")
-    print(f"export (3 graphs, no validation): {export_s:.1f} s; step graph vs torch, 8 steps: max |logit diff| {diff:.2e}")
+    print(f"export (4 graphs, no validation): {export_s:.1f} s; step graphs vs torch, 8 steps: max |logit diff| "
+          f"{diffs['step']:.2e} (MatMul), {diffs['step_conv']:.2e} (--linear-op conv)")
     print(f"read bandwidth (torch.sum over {bw['mib']} MiB; median of the {args.rounds} interleaved rounds below, "
           f"best-of-5 before/after the timings: {bw0['gbs']:.2f} / {bw1['gbs']:.2f}): {bw['gbs']:.2f} GB/s; "
           f"one step reads {step_bytes / 1e6:.0f} MB -> bound {bound_ms:.1f} ms/token")
     print("per-token latency, batch 1, fp32 (median / min over %d steps):" % args.steps)
     print(f"  onnxruntime step graph : {ort_ms:7.1f} / {ort_min:6.1f} ms  = {ort_ms / bound_ms:.2f}x bound")
+    print(f"  the same, --linear-op conv: {conv_ms:7.1f} / {conv_min:6.1f} ms  = {conv_ms / bound_ms:.2f}x bound")
     print(f"  torch reference step   : {torch_ms:7.1f} / {torch_min:6.1f} ms  = {torch_ms / bound_ms:.2f}x bound")
     print(f"  onnxruntime profile of the step graph ({n_nodes} nodes): MatMul kernels {mm_ms:.1f} ms "
           f"({step_bytes / 1e6 / mm_ms:.2f} GB/s), all other kernels {other_ms:.1f} ms")
-    print(f"  interleaved rounds ({args.rounds}; bandwidth / step graph / MatMul-only floor in the same minute):")
+    print(f"  interleaved rounds ({args.rounds}; bandwidth / step graph / conv step graph / MatMul-only floor in the "
+          "same minute):")
     for r in rounds:
         print(f"    {r['gbs']:5.1f} GB/s bound {r['bound_ms']:5.1f} ms | step {r['step_ms']:5.1f} ms = "
-              f"{r['step_x_bound']:.2f}x | MatMul-only {r['matmul_floor_ms']:5.1f} ms = {r['floor_x_bound']:.2f}x")
-    print(f"  median over rounds: step graph {r_step:.2f}x bound, onnxruntime MatMul kernels alone {r_floor:.2f}x bound")
+              f"{r['step_x_bound']:.2f}x | conv {r['conv_step_ms']:5.1f} ms = {r['conv_x_bound']:.2f}x | "
+              f"MatMul-only {r['matmul_floor_ms']:5.1f} ms = {r['floor_x_bound']:.2f}x")
+    print(f"  median over rounds: step graph {r_step:.2f}x bound, with --linear-op conv {r_conv:.2f}x, "
+          f"onnxruntime MatMul kernels alone {r_floor:.2f}x bound")
     if cr:
         print(f"  ChatRWKV rwkv 0.8.32   : {cr['step_ms']:7.1f} / {cr['step_ms_min']:6.1f} ms  = "
-              f"{cr['step_ms'] / bound_ms:.2f}x bound; onnxruntime is {cr['step_ms'] / ort_ms:.2f}x ChatRWKV's speed")
+              f"{cr['step_ms'] / bound_ms:.2f}x bound; onnxruntime is {cr['step_ms'] / ort_ms:.2f}x ChatRWKV's speed "
+              f"({cr['step_ms'] / conv_ms:.2f}x with --linear-op conv)")
     print(f"prefill of {P} tokens, batch 1, fp32 (best of 2):")
     print(f"  onnxruntime sequence graph, all logits : {pre['seq']:7.1f} tokens/s (chunk {args.chunk_len})")
     print(f"  onnxruntime sequence graph, last logits: {pre['seq_last']:7.1f} tokens/s")
@@ -270,7 +289,8 @@ def main():
               f"(last) is {pre['seq_last'] / cr['seq_tokens_per_s']:.2f}x")
         print(f"  ChatRWKV forward, full_output=True     : {cr['seq_tokens_per_s_full']:7.1f} tokens/s -> onnxruntime "
               f"(all) is {pre['seq'] / cr['seq_tokens_per_s_full']:.2f}x")
-    summary = {"bound_ms": bound_ms, "gbs": bw["gbs"], "ort_step_ms": ort_ms, "torch_step_ms": torch_ms,
+    summary = {"bound_ms": bound_ms, "gbs": bw["gbs"], "ort_step_ms": ort_ms, "ort_conv_step_ms": conv_ms,
+               "conv_step_x_bound_median": r_conv, "torch_step_ms": torch_ms,
                "ort_matmul_ms": mm_ms, "ort_other_ms": other_ms,
                "chatrwkv": cr, "prefill": pre, "step_logit_diff": diff,
                "rounds": rounds, "step_x_bound_median": r_step, "matmul_floor_x_bound_median": r_floor}

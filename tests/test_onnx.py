@@ -99,6 +99,52 @@ def test_export_matches_reference(tmp_path, tiny_models, version, mode):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
+def test_step_graph_with_conv_linears_matches_reference(tmp_path, tiny_models, version, monkeypatch):
+    """--linear-op conv: the dense products of the step graph as 1x1 Conv (the size threshold
+    lowered so the tiny models' matrices qualify; LoRA-sized ones stay MatMul at the real one)."""
+    import rwkvtools.export.onnx as ox
+    monkeypatch.setattr(ox, "CONV_GEMV_MIN", 0)
+    ck = tiny_models[version]
+    out = tmp_path / "c.onnx"
+    rep = export(ck, out, mode="step", linear_op="conv", validate=True)
+    assert rep["published"] and rep["linear_op"] == "conv"
+    assert rep["validation"]["providers"]["CPUExecutionProvider"]["max_abs_logit_diff"] <= 1e-4
+    m = onnx.load(str(out))
+    model = build_model(ck)
+    n_dense = sum(1 for mod in model.modules() if type(mod).__name__ == "DenseLinear")
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    assert len(convs) == n_dense                          # every dense linear (head included)
+    assert json.loads({p.key: p.value for p in m.metadata_props}["rwkvtools"])["linear_op"] == "conv"
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    toks = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(6)).numpy()
+    st, outs = zero_state(model, 2), []
+    for t in range(12):
+        lo, st = ort_run(sess, toks[:, t:t + 1], st)
+        outs.append(lo)
+    ref, _ = reference(model, [toks[:, t:t + 1] for t in range(12)])
+    assert float((torch.from_numpy(np.concatenate(outs, 1)) - ref).abs().max()) <= 1e-4
+
+
+def test_conv_linears_only_for_large_fp32_step_products(tmp_path, tiny_models):
+    from rwkvtools.random_init import random_checkpoint
+    ck = random_checkpoint("7", n_layer=1, n_embd=512, vocab=64, head_size=64, seed=2)
+    out = tmp_path / "c.onnx"
+    export(ck, out, mode="step", linear_op="conv", validate=False)
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    # 512 x 512 r/k/v/o/ffn matrices (>= 256K weights) become Conv; the LoRAs and the 64-row head stay MatMul
+    assert ops.count("Conv") == 6 and ops.count("MatMul") >= 8
+    for kw in ({"mode": "sequence"}, {"mode": "step", "dtype": "fp16"}):
+        with pytest.raises(ExportError, match="fp32 step graphs"):
+            export(tiny_models["7"], tmp_path / "x.onnx", linear_op="conv", **kw)
+    with pytest.raises(ExportError, match="linear_op"):
+        export(tiny_models["7"], tmp_path / "x.onnx", linear_op="gemm")
+    assert not (tmp_path / "x.onnx").exists()
+    r = runner.invoke(main, ["export-onnx", str(fixture_path("tiny-rwkv-7v0-834K.pth")), str(tmp_path / "y.onnx"),
+                             "--mode", "sequence", "--linear-op", "conv"])
+    assert r.exit_code != 0 and "fp32 step graphs" in r.output and not (tmp_path / "y.onnx").exists()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 def test_sequence_prefill_then_steps_equals_stepping(tmp_path, tiny_models, version):
     ck = tiny_models[version]
     export(ck, tmp_path / "seq.onnx", mode="sequence", validate=False)

@@ -21,6 +21,10 @@ from ..cli import UserError, emit_json, handle_errors, main
               help="Sequence mode: tokens per chunk of the chunked WKV.")
 @click.option("--logits", "logits", type=click.Choice(["all", "last"]), default="all", show_default=True,
               help="Sequence mode: logits of every position, or only the last one (prefill-only graphs).")
+@click.option("--linear-op", type=click.Choice(["matmul", "conv"]), default="matmul", show_default=True,
+              help="fp32 step graphs: 'conv' writes each large matrix-vector product as a 1x1 Conv, which "
+                   "onnxruntime's x86 CPU provider runs with its NCHWc kernels, ~10% faster per token than "
+                   "MatMul (docs/BENCHMARKS.md); keep matmul for other providers and platforms.")
 @click.option("--no-validate", is_flag=True, help="Write the file without checking it in onnxruntime.")
 @click.option("--tol", type=float, default=None,
               help="Validation tolerance: max |logit diff| (fp32, default 1e-4), or relative to "
@@ -31,8 +35,8 @@ from ..cli import UserError, emit_json, handle_errors, main
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: in a terminal).")
-def export_onnx_cmd(src, out, mode, dtype, opset, chunk_len, logits, no_validate, tol, external_data_threshold,
-                    report, as_json, force, progress):
+def export_onnx_cmd(src, out, mode, dtype, opset, chunk_len, logits, linear_op, no_validate, tol,
+                    external_data_threshold, report, as_json, force, progress):
     """Export SRC (any checkpoint rwkvtools reads: v4, v5, v6, v7, also low-rank or otherwise
     transformed) to the ONNX file OUT.
 
@@ -45,16 +49,17 @@ def export_onnx_cmd(src, out, mode, dtype, opset, chunk_len, logits, no_validate
     \b
     Examples:
       rwkvtools export-onnx ../shared/fixtures/tiny-rwkv-7v0-834K.pth tiny7-step.onnx
+      rwkvtools export-onnx ../shared/fixtures/tiny-rwkv-7v0-834K.pth tiny7-step-conv.onnx --linear-op conv
       rwkvtools export-onnx ../shared/fixtures/tiny-rwkv-5v2-730K-FP32.bin tiny5-seq.onnx --mode sequence
       rwkvtools export-onnx ../shared/fixtures/tiny-rwkv-4v0-660K.pth tiny4-fp16.onnx --dtype fp16 --json
       rwkvtools eval tiny7-step.onnx --text ../shared/data/wikitext-2-test.txt --max-tokens 1024
     """
-    handle_errors(_export)(src, out, mode, dtype, opset, int(chunk_len), logits, no_validate, tol,
+    handle_errors(_export)(src, out, mode, dtype, opset, int(chunk_len), logits, linear_op, no_validate, tol,
                            external_data_threshold, report, as_json, force, progress)
 
 
-def _export(src, out, mode, dtype, opset, chunk_len, logits, no_validate, tol, threshold, report_path, as_json,
-            force, progress):
+def _export(src, out, mode, dtype, opset, chunk_len, logits, linear_op, no_validate, tol, threshold, report_path,
+            as_json, force, progress):
     from ..export.onnx import export_onnx, validation_failure_message
     from .common import output_guard, write_report
     output_guard(src, out, force)
@@ -62,10 +67,11 @@ def _export(src, out, mode, dtype, opset, chunk_len, logits, no_validate, tol, t
         raise UserError("--external-data-threshold must not be negative")
     rep = export_onnx(src, out, mode=mode, dtype=dtype, opset=opset, validate=not no_validate,
                       chunk_len=chunk_len, logits=logits, external_data_threshold=threshold, tol=tol,
-                      progress=progress, raise_on_fail=False)
+                      progress=progress, raise_on_fail=False, linear_op=linear_op)
     write_report(rep, report_path)
     lines = [f"RWKV v{rep['rwkv_version']}, {rep['n_layer']} layers, dim {rep['n_embd']}, vocab {rep['vocab']}; "
              f"{rep['mode']} mode, {rep['dtype']}, opset {rep['opset']}"
+             + (", linear op conv" if rep["linear_op"] == "conv" else "")
              + (f", chunk {rep['chunk_len']}" if rep["chunk_len"] else ""),
              f"{rep['nodes']} nodes, {rep['bytes'] / 1e6:.2f} MB"
              + (f" (weights in {rep['data_file']})" if rep["external_data"] else "")

@@ -47,6 +47,9 @@ V6_LOGDECAY_MIN = -60.0              # as model/v6.py
 V7_DECAY_SCALE = math.exp(-0.5)      # as model/v7.py
 
 
+CONV_GEMV_MIN = 256 * 1024    # linear_op 'conv': matrices of at least this many weights (not the LoRAs)
+LINEAR_OPS = ("matmul", "conv")
+
 class ExportError(RwkvToolsError):
     """The model cannot be exported as asked (unknown linear kind, bad option)."""
 
@@ -64,6 +67,8 @@ def register_onnx_linear(module_class: type, emitter: Callable) -> None:
 
 
 def _emit_dense(em: "Emitter", mod, x: str) -> str:
+    if em.gemv_as_conv(mod.weight):
+        return em.conv_gemv(x, mod.weight, f"{mod.prefix}.weight")
     return em.g.op("MatMul", x, em.weight(mod.weight, f"{mod.prefix}.weight", transpose=True))
 
 
@@ -105,8 +110,9 @@ class Emitter:
     """What the per-version emitters and the linear emitters share: the builder, the activation
     dtype (``act``: np.float32 or np.float16), the mode and the dynamic sizes."""
 
-    def __init__(self, g: GraphBuilder, model, mode: str, chunk: int):
+    def __init__(self, g: GraphBuilder, model, mode: str, chunk: int, linear_op: str = "matmul"):
         self.g = g
+        self.linear_op = linear_op
         self.model = model
         self.spec = model.spec
         self.mode = mode
@@ -147,6 +153,20 @@ class Emitter:
 
     def linear(self, mod, x: str) -> str:
         return _linear_emitter(mod)(self, mod, x)
+
+    def gemv_as_conv(self, w: torch.Tensor) -> bool:
+        """linear_op 'conv': the step graph's large fp32 matrix-vector products as 1x1 Conv."""
+        return self.linear_op == "conv" and w.numel() >= CONV_GEMV_MIN
+
+    def conv_gemv(self, x: str, w: torch.Tensor, name: str) -> str:
+        """y = x W^T for x [batch, 1, in] as a 1x1 Conv over [batch, in, 1, 1]: onnxruntime's x86 CPU
+        provider runs it with its NCHWc kernels (weights reordered once at session start), which
+        read a large matrix ~10% faster than its MatMul does for one row (bench_onnx.py)."""
+        g = self.g
+        out, n_in = w.shape
+        wc = self.weight(w.reshape(out, n_in, 1, 1), name + ".conv")
+        y = g.op("Conv", g.reshape(x, (0, n_in, 1, 1)), wc)
+        return g.reshape(y, (0, 1, out))
 
     # ---------------------------------------------------------------------- small ops
     def mul(self, a, b):
@@ -516,13 +536,27 @@ def _tmix_v4(em: Emitter, att, xx, st, v_first, i):
     return out, {"att_x": new_x, "aa": aa, "bb": bb, "pp": pp}, v_first
 
 
+def _relu2_ffn(em: Emitter, ffn, xk):
+    """value(relu(key(xk))^2), the channel-mix core of every version. With linear_op 'conv' and
+    both matrices dense and large, the chain stays in Conv layout: one reshape in, one out."""
+    from ..model.linear import DenseLinear
+    g = em.g
+    if all(type(m) is DenseLinear and em.gemv_as_conv(m.weight) for m in (ffn.key, ffn.value)):
+        f, c = ffn.key.weight.shape
+        k = g.op("Relu", g.op("Conv", g.reshape(xk, (0, c, 1, 1)),
+                              em.weight(ffn.key.weight.reshape(f, c, 1, 1), f"{ffn.key.prefix}.weight.conv")))
+        y = g.op("Conv", em.mul(k, k), em.weight(ffn.value.weight.reshape(c, f, 1, 1), f"{ffn.value.prefix}.weight.conv"))
+        return g.reshape(y, (0, 1, c))
+    k = g.op("Relu", em.linear(ffn.key, xk))
+    return em.linear(ffn.value, em.mul(k, k))
+
+
 def _cmix_v4(em: Emitter, ffn, xx, prev_state, i):
     n = f"blocks.{i}.ffn."
     prev, new_x = em.shift(xx, prev_state)
-    k = em.g.op("Relu", em.linear(ffn.key, _mix(em, xx, prev, ffn.mix_k, n + "time_mix_k")))
-    k = em.mul(k, k)
+    kv = _relu2_ffn(em, ffn, _mix(em, xx, prev, ffn.mix_k, n + "time_mix_k"))
     r = em.sigmoid(em.linear(ffn.receptance, _mix(em, xx, prev, ffn.mix_r, n + "time_mix_r")))
-    return em.mul(r, em.linear(ffn.value, k)), new_x
+    return em.mul(r, kv), new_x
 
 
 def _tmix_v5(em: Emitter, att, xx, st, v_first, i):
@@ -574,10 +608,9 @@ def _cmix_v6(em: Emitter, ffn, xx, prev_state, i):
     n = f"blocks.{i}.ffn."
     prev, new_x = em.shift(xx, prev_state)
     d = em.sub(prev, xx)
-    k = em.g.op("Relu", em.linear(ffn.key, _lerp(em, xx, d, ffn.maa_k, n + "time_maa_k")))
-    k = em.mul(k, k)
+    kv = _relu2_ffn(em, ffn, _lerp(em, xx, d, ffn.maa_k, n + "time_maa_k"))
     r = em.sigmoid(em.linear(ffn.receptance, _lerp(em, xx, d, ffn.maa_r, n + "time_maa_r")))
-    return em.mul(r, em.linear(ffn.value, k)), new_x
+    return em.mul(r, kv), new_x
 
 
 def _tmix_v7(em: Emitter, att, xx, st, v_first, i):
@@ -622,8 +655,7 @@ def _tmix_v7(em: Emitter, att, xx, st, v_first, i):
 def _cmix_v7(em: Emitter, ffn, xx, prev_state, i):
     prev, new_x = em.shift(xx, prev_state)
     d = em.sub(prev, xx)
-    k = em.g.op("Relu", em.linear(ffn.key, _lerp(em, xx, d, ffn.x_k, f"blocks.{i}.ffn.x_k")))
-    return em.linear(ffn.value, em.mul(k, k)), new_x
+    return _relu2_ffn(em, ffn, _lerp(em, xx, d, ffn.x_k, f"blocks.{i}.ffn.x_k")), new_x
 
 
 _BLOCKS = {4: (_tmix_v4, _cmix_v4), 5: (_tmix_v5, _cmix_v4), 6: (_tmix_v6, _cmix_v6), 7: (_tmix_v7, _cmix_v7)}
@@ -643,14 +675,16 @@ def state_specs(spec) -> list[tuple[str, list]]:
 
 def build_onnx_model(model, mode: str = "step", opset: int = DEFAULT_OPSET, chunk_len: int = DEFAULT_CHUNK,
                      logits: str = "all", external: ExternalData | None = None, progress: bool = False,
-                     metadata: dict | None = None):
-    """The ModelProto for a reference model (built in fp32 or fp16 by model.build_model)."""
+                     metadata: dict | None = None, linear_op: str = "matmul"):
+    """The ModelProto for a reference model (built in fp32 or fp16 by model.build_model).
+    ``linear_op`` 'conv' (fp32 step graphs): large dense products as 1x1 Conv (see Emitter.conv_gemv)."""
     from tqdm import tqdm
     from onnx import ModelProto
     spec = model.spec
     mp = ModelProto()
     g = GraphBuilder(opset, external=external, proto=mp.graph)
-    em = Emitter(g, model, mode, chunk_len)
+    _check_linear_op(linear_op, mode, model.dtype)
+    em = Emitter(g, model, mode, chunk_len, linear_op)
     seq = "1" if mode == "step" else "seq"
     L = spec.n_layer
     inputs = [value_info("tokens", INT64, ["batch", 1 if mode == "step" else "seq"])]
@@ -699,6 +733,7 @@ def build_onnx_model(model, mode: str = "step", opset: int = DEFAULT_OPSET, chun
         g.op("Concat", *new_states[name], axis=0, out=f"state_out_{name}") if L > 1 else \
             g.op("Identity", new_states[name][0], out=f"state_out_{name}")
     meta = interface_metadata(spec, mode, "fp16" if em.act == np.float16 else "fp32", opset, chunk_len, logits)
+    meta["linear_op"] = linear_op
     meta.update(metadata or {})
     doc = (f"RWKV v{spec.version} exported by rwkvtools ({mode} mode). Inputs: tokens int64 [batch, {seq}], "
            + ", ".join(f"state_in_{n} float32 {s}" for n, s in states)
@@ -713,6 +748,14 @@ def build_onnx_model(model, mode: str = "step", opset: int = DEFAULT_OPSET, chun
     mp.doc_string = doc
     helper.set_model_props(mp, {"rwkvtools": json.dumps(meta)})
     return mp
+
+
+def _check_linear_op(linear_op: str, mode: str, dtype) -> None:
+    if linear_op not in LINEAR_OPS:
+        raise ExportError(f"linear_op must be one of {', '.join(LINEAR_OPS)}, not '{linear_op}'")
+    if linear_op == "conv" and (mode != "step" or dtype != torch.float32):
+        raise ExportError("linear op 'conv' is for fp32 step graphs (one token's matrix-vector products); "
+                          "sequence and fp16 graphs use MatMul")
 
 
 def interface_metadata(spec, mode, dtype, opset, chunk_len, logits) -> dict:
@@ -827,7 +870,7 @@ def export_onnx(src, out: str, mode: str = "step", dtype: str = "fp32", opset: i
                 validate: bool = True, chunk_len: int | None = None, logits: str = "all",
                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, tol: float | None = None,
                 validate_prompt: int = 40, validate_steps: int = 6, progress: bool | None = None,
-                raise_on_fail: bool = True) -> dict:
+                raise_on_fail: bool = True, linear_op: str = "matmul") -> dict:
     """Export ``src`` (a path or a Checkpoint) to ``out`` (.onnx); weights go to ``out + '.data'``
     when they exceed ``external_data_threshold`` bytes. With ``validate`` the file is checked
     in onnxruntime first and only published when it passes (GateError otherwise, or a report
@@ -850,6 +893,7 @@ def export_onnx(src, out: str, mode: str = "step", dtype: str = "fp32", opset: i
         raise ExportError(f"chunk length {chunk_len} is not supported; choose one of {', '.join(map(str, CHUNK_LENS))}")
     if logits not in ("all", "last"):
         raise ExportError("logits must be 'all' or 'last'")
+    _check_linear_op(linear_op, mode, torch.float16 if dtype == "fp16" else torch.float32)
     if not str(out).endswith(".onnx"):
         raise ExportError(f"{out}: the output file name must end in .onnx")
     if progress is None:
@@ -872,6 +916,7 @@ def export_onnx(src, out: str, mode: str = "step", dtype: str = "fp32", opset: i
     tmp = tempfile.mkdtemp(prefix=".rwkvtools-onnx-", dir=outdir)
     report = {"source": src_name, "output": out, "rwkv_version": spec.version, "mode": mode, "dtype": dtype,
               "opset": opset, "chunk_len": chunk_len if mode == "sequence" else None, "logits": logits,
+              "linear_op": linear_op,
               "n_layer": spec.n_layer, "n_embd": spec.n_embd, "vocab": spec.vocab,
               "linear_kinds": sorted({type(m).__name__ for m in model.modules() if hasattr(m, "prefix")}),
               "external_data": external}
@@ -881,7 +926,8 @@ def export_onnx(src, out: str, mode: str = "step", dtype: str = "fp32", opset: i
         try:
             mp = build_onnx_model(model, mode, opset, chunk_len, logits, ext, progress,
                                   metadata={"source": os.path.basename(src_name),
-                                            "history": [h.get("transform") for h in ckpt.history]})
+                                            "history": [h.get("transform") for h in ckpt.history]},
+                                  linear_op=linear_op)
         finally:
             if ext is not None:
                 ext.close()
