@@ -114,6 +114,16 @@ def _param_for(cmd, opt: str):
     return None
 
 
+def _expand_path_option(cmd, opt: str, value, base_dir: str):
+    """Path-valued step options (e.g. quantize's calib) get what the model and eval text get:
+    ${VAR} / ${VAR:-default} expansion and paths relative to the recipe file."""
+    import click
+    p = _param_for(cmd, opt)
+    if isinstance(value, str) and isinstance(getattr(p, "type", None), click.Path):
+        return expand(value, base_dir)
+    return value
+
+
 def _option_names(cmd) -> list[str]:
     import click
     return sorted(o.lstrip("-") for p in cmd.params if isinstance(p, click.Option) and p.name not in RESERVED
@@ -201,8 +211,10 @@ def load_recipe(path: str) -> Recipe:
         if not isinstance(opts, dict):
             raise RecipeError(f"{where}: options must be a mapping of option name to value")
         cmd = _command(kind)
+        opts = dict(opts)
         for k, v in opts.items():
             _check_value(where, cmd, k, v)
+            opts[k] = _expand_path_option(cmd, k, v, base)
         sweep = None
         if s.get("sweep") is not None:
             sw = s["sweep"]

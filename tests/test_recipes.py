@@ -33,13 +33,29 @@ def base(**kw):
 
 def test_shipped_recipes_exist():
     names = {p.stem for p in RECIPES}
-    assert {"lowrank-0.32-heal", "recursive-half-lora", "int8", "q5_1-rwkvcpp", "onnx-fp16", "sweep-lowrank"} <= names
+    assert {"lowrank-0.32-heal", "recursive-half-lora", "int8", "q5_1-rwkvcpp", "onnx-fp16", "sweep-lowrank",
+            "q4_0-gptq-tuned"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_shipped_recipe_passes_check(path):
     res = runner.invoke(main, ["recipe", "check", str(path)])
     assert res.exit_code == 0, res.output
+
+
+def test_path_options_of_steps_expand_like_the_model(tmp_path, monkeypatch):
+    """${VAR:-default} and recipe-relative paths in path-valued step options (calib); other
+    string options are left as written."""
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "cal.txt").write_text("calibration text")
+    monkeypatch.setenv("RT_TEXTS", str(tmp_path / "texts"))
+    doc = base(steps=[{"quantize": {"scheme": "Q4_0", "method": "gptq", "calib": "${RT_TEXTS}/cal.txt"}},
+                      {"quantize": {"scheme": "int8", "method": "gptq", "calib": "texts/cal.txt"}},
+                      {"quantize": {"scheme": "int8", "method": "gptq", "calib": "${RT_NOPE:-./texts}/cal.txt"}}])
+    r = load_recipe(write(tmp_path, doc))
+    want = str(tmp_path / "texts" / "cal.txt")
+    assert [s.options["calib"] for s in r.steps] == [want, want, want]
+    assert r.steps[0].options["scheme"] == "Q4_0"
 
 
 @pytest.mark.parametrize("mutate,match", [
