@@ -67,7 +67,6 @@ class _TunedLinear(nn.Module):
         self.ts = ts
         self.t = nn.Parameter(torch.zeros_like(ts.scale))
         self.u = nn.Parameter(torch.zeros_like(ts.offset)) if ts.offset is not None else None
-
         self.fixed = None   # (scale, offset) in storage precision, once training is over
 
     def scales(self):
