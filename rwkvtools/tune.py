@@ -135,12 +135,13 @@ def _sequences(tokens, seq: int) -> torch.Tensor:
 
 
 def _kl(teacher, student, x: torch.Tensor, with_grad: bool) -> torch.Tensor:
+    """Mean per-token KL(teacher || student) over the sequences ``x`` (each from the empty state)."""
+    from .transforms.heal import distill_kl
     with torch.no_grad():
-        ref = F.log_softmax(teacher(x)[0], -1)
-    ctx = torch.enable_grad() if with_grad else torch.no_grad()
-    with ctx:
-        lq = F.log_softmax(student(x)[0], -1)
-        return (ref.exp() * (ref - lq)).sum(-1).mean()
+        lt = teacher(x)[0]
+    with torch.enable_grad() if with_grad else torch.no_grad():
+        ls = student(x)[0]
+        return distill_kl(ls.reshape(-1, ls.shape[-1]), lt.reshape(-1, lt.shape[-1]))
 
 
 def _mean_kl(teacher, student, seqs: torch.Tensor, batch: int) -> float:

@@ -209,13 +209,13 @@ def evaluate_pair(student, teacher, tokens, chunk: int = 256, temperature: float
         ls, lt = ls[0].float(), lt[0].float()
         nll_s += float(F.cross_entropy(ls, y, reduction="sum"))
         nll_t += float(F.cross_entropy(lt, y, reduction="sum"))
-        kl += float(_kl(ls, lt, temperature, "sum"))
+        kl += float(distill_kl(ls, lt, temperature, "sum"))
     m = n - 1
     return {"ppl_student": math.exp(nll_s / m), "ppl_teacher": math.exp(nll_t / m), "kl": kl / m,
             "eval_tokens": n}
 
 
-def _kl(ls, lt, temperature: float, reduction: str = "mean"):
+def distill_kl(ls, lt, temperature: float = 1.0, reduction: str = "mean"):
     """T^2 KL(softmax(lt/T) || softmax(ls/T)) summed over the vocabulary, per token."""
     lps = F.log_softmax(ls / temperature, -1)
     lpt = F.log_softmax(lt / temperature, -1)
@@ -296,7 +296,7 @@ def heal(student: Checkpoint, teacher: Checkpoint, train_tokens, config: HealCon
         with torch.no_grad():
             lt, _ = tmodel(x)
         ls, _ = model(x)
-        loss = _kl(ls.float().reshape(-1, ls.shape[-1]), lt.float().reshape(-1, lt.shape[-1]), cfg.temperature)
+        loss = distill_kl(ls.float().reshape(-1, ls.shape[-1]), lt.float().reshape(-1, lt.shape[-1]), cfg.temperature)
         if cfg.lm_weight:
             loss = loss + cfg.lm_weight * F.cross_entropy(ls.float().reshape(-1, ls.shape[-1]), y.reshape(-1))
         lr = _lr_at(step, steps, cfg)
