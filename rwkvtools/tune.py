@@ -159,8 +159,8 @@ def tune_scales(teacher, student, scales: dict[str, TensorScales], tokens, steps
     student). ``student`` is the quantized model (its other quantized tensors already in place);
     its linears at those prefixes are replaced for the duration. Returns a report with the new
     scales ({prefix: (scale, offset)}, float32 holding values of the storage precision) under
-    ``"scales"``; ``"kept"`` False when the held-out KL (measured with the stored precision) did
-    not improve, and then the scales are the given ones."""
+    ``"scales"``; ``"kept"`` False (and ``"scales"`` None) when the held-out KL, measured with the
+    stored precision, did not improve."""
     if steps < 1:
         raise RwkvToolsError("tuning needs at least one step")
     seqs_all = torch.as_tensor(tokens, dtype=torch.long).flatten()
@@ -222,5 +222,4 @@ def tune_scales(teacher, student, scales: dict[str, TensorScales], tokens, steps
         torch.isfinite(v).all() for sm in new.values() for v in sm if v is not None)
     return {"steps": steps, "lr": lr, "batch": batch, "seq": seq, "train_sequences": int(train.shape[0]),
             "heldout_sequences": int(val.shape[0]), "heldout_kl_before": kl_before, "heldout_kl_after": kl_after,
-            "first_loss": losses[0], "last_loss": losses[-1], "kept": kept,
-            "scales": new if kept else {p: (ts.scale, ts.offset) for p, ts in scales.items()}}
+            "first_loss": losses[0], "last_loss": losses[-1], "kept": kept, "scales": new if kept else None}

@@ -164,9 +164,11 @@ class Emitter:
         read a large matrix ~10% faster than its MatMul does for one row (bench_onnx.py)."""
         g = self.g
         out, n_in = w.shape
-        wc = self.weight(w.reshape(out, n_in, 1, 1), name + ".conv")
-        y = g.op("Conv", g.reshape(x, (0, n_in, 1, 1)), wc)
-        return g.reshape(y, (0, 1, out))
+        return g.reshape(self.conv(g.reshape(x, (0, n_in, 1, 1)), w, name), (0, 1, out))
+
+    def conv(self, x4: str, w: torch.Tensor, name: str) -> str:
+        """x4 [batch, in, 1, 1] -> [batch, out, 1, 1] by the (out, in) matrix w as a 1x1 Conv."""
+        return self.g.op("Conv", x4, self.weight(w.reshape(*w.shape, 1, 1), name + ".conv"))
 
     # ---------------------------------------------------------------------- small ops
     def mul(self, a, b):
@@ -542,10 +544,9 @@ def _relu2_ffn(em: Emitter, ffn, xk):
     from ..model.linear import DenseLinear
     g = em.g
     if all(type(m) is DenseLinear and em.gemv_as_conv(m.weight) for m in (ffn.key, ffn.value)):
-        f, c = ffn.key.weight.shape
-        k = g.op("Relu", g.op("Conv", g.reshape(xk, (0, c, 1, 1)),
-                              em.weight(ffn.key.weight.reshape(f, c, 1, 1), f"{ffn.key.prefix}.weight.conv")))
-        y = g.op("Conv", em.mul(k, k), em.weight(ffn.value.weight.reshape(c, f, 1, 1), f"{ffn.value.prefix}.weight.conv"))
+        c = ffn.key.weight.shape[1]
+        k = g.op("Relu", em.conv(g.reshape(xk, (0, c, 1, 1)), ffn.key.weight, f"{ffn.key.prefix}.weight"))
+        y = em.conv(em.mul(k, k), ffn.value.weight, f"{ffn.value.prefix}.weight")
         return g.reshape(y, (0, 1, c))
     k = g.op("Relu", em.linear(ffn.key, xk))
     return em.linear(ffn.value, em.mul(k, k))
