@@ -49,6 +49,8 @@ V7_DECAY_SCALE = math.exp(-0.5)      # as model/v7.py
 
 CONV_GEMV_MIN = 256 * 1024    # linear_op 'conv': matrices of at least this many weights (not the LoRAs)
 LINEAR_OPS = ("matmul", "conv")
+SHIFT_STATES = ("att_x", "ffn_x")     # token-shift states: [L, batch, C]
+INT64_MAX = np.iinfo(np.int64).max
 
 class ExportError(RwkvToolsError):
     """The model cannot be exported as asked (unknown linear kind, bad option)."""
@@ -229,16 +231,15 @@ class Emitter:
         return self.g.reshape(x, (0, 0, H, N))
 
     def shift(self, xx: str, prev_state: str) -> tuple[str, str]:
-        """Token shift: x~' for every position (the carried state at position 0) and the new
-        state (the last position's x~)."""
+        """Token shift: x~' for every position (the carried state, (B, 1, C), at position 0) and
+        the new state (the last position's x~, (B, 1, C))."""
         g = self.g
-        p = g.unsqueeze(prev_state, 1)
         if self.mode == "step":
-            return p, g.squeeze(xx, 1)
+            return prev_state, xx
         rest = g.slice(xx, [0], [-1], [1])
         C = self.spec.n_embd
-        prev = g.hint(g.concat([p, rest], 1), ["batch", "seq", C], self.act_type)
-        return prev, g.op("Gather", xx, g.const(-1, np.int64), axis=1)
+        prev = g.hint(g.concat([prev_state, rest], 1), ["batch", "seq", C], self.act_type)
+        return prev, g.slice(xx, [-1], [INT64_MAX], [1])
 
     # -------------------------------------------------------------------- dynamic sizes
     def dims(self):
@@ -456,7 +457,10 @@ class Emitter:
         def col(x):
             return g.reshape(x, (0, H, N, 1))
         sa = g.op("MatMul", S, col(a))                                            # (B,H,N,1)
-        S2 = self.add(self.add(self.mul(S, g.op("Exp", row(lw))), self.mul(sa, row(b))), self.mul(col(v), row(k)))
+        # the two rank-1 updates (S a) b^T + v k^T as one (N,2)x(2,N) product per head: a broadcast
+        # Mul of a column by a row runs ~3x slower in onnxruntime than this MatMul
+        upd = g.op("MatMul", g.concat([sa, col(v)], -1), g.concat([row(b), row(k)], -2))
+        S2 = self.add(self.mul(S, g.op("Exp", row(lw))), upd)
         y = g.op("MatMul", S2, col(r))
         return g.reshape(y, (0, 1, H, N)), S2
 
@@ -614,13 +618,62 @@ def _cmix_v6(em: Emitter, ffn, xx, prev_state, i):
     return em.mul(r, kv), new_x
 
 
+def _v7_branches_step(em: Emitter, att, xx, d, n: str, i: int):
+    """fp32 step graphs: the six v7 token-shift mixes as one [batch, 6, C] lerp, and the LoRA
+    branches (value mix v on layers > 0, decay w, in-context rate a, gate g) as two products
+    over the stacked mixes instead of eight, with one sigmoid for v, w and a.
+
+    Row j of the stack multiplies every branch's first matrix (the columns of the others are
+    masked off after the activation), so the second product reads [v2; w2; a2; g2] once. tanh
+    (w) and the gate's sigmoid share one Tanh: sigmoid(h) = (1 + tanh(h / 2)) / 2, the halves
+    folded into g1, g2 and a constant bias; v2, w2, a2 and their biases are negated so that
+    1 / (1 + exp(z)) is their sigmoid. Returns r/k/v inputs, log decay, a, gate, v mix (or None)."""
+    g = em.g
+    C = em.spec.n_embd
+    mu = torch.stack([getattr(att, f"x_{c}").reshape(C) for c in "rkvwag"]).float()
+    X = em.add(xx, em.mul(d, em.weight(mu, n + "x_rkvwag")))                 # (B, 6, C)
+    xr, xk, xv, *_ = g.split(X, [1] * 6, 1)
+    names = (["v"] if i > 0 else []) + ["w", "a", "g"]
+    first = {c: getattr(att, f"{c}1").float() for c in names}
+    second = {c: getattr(att, f"{c}2").float() for c in names}
+    bias = {c: getattr(att, f"{c}0") for c in names if c != "g"}
+    dims = [first[c].shape[1] for c in names]
+    R, D = len(names), sum(dims)
+    tanh_mask, lin_mask = np.zeros((R, D), np.float32), np.zeros((R, D), np.float32)
+    w1, w2, b2, o = [], [], [], 0
+    for j, c in enumerate(names):
+        (tanh_mask if c in "wg" else lin_mask)[j, o:o + dims[j]] = 1.0
+        o += dims[j]
+        if c == "g":
+            w1.append(first[c] * 0.5)
+            w2.append(second[c] * 0.5)
+            b2.append(second[c].double().sum(0).mul(0.5).float())
+        else:
+            w1.append(first[c])
+            w2.append(-second[c])
+            b2.append(-bias[c].float().reshape(C))
+    Xl = g.slice(X, [6 - R], [6], [1])                                        # (B, R, C): rows v?, w, a, g
+    h = g.op("MatMul", Xl, em.weight(torch.cat(w1, 1), n + "lora1"))          # (B, R, D)
+    h = em.add(em.mul(g.op("Tanh", h), g.const(tanh_mask)), em.mul(h, g.const(lin_mask)))
+    z = em.add(g.op("MatMul", h, em.weight(torch.cat(w2, 0), n + "lora2")), em.weight(torch.stack(b2), n + "lora_bias"))
+    sig = g.split(g.op("Reciprocal", em.add(g.op("Exp", z), g.const(1.0))), [1] * R, 1)
+    gate = g.slice(z, [R - 1], [R], [1])
+    mixv = sig[0] if i > 0 else None
+    logw = em.mul(sig[-3], g.const(-V7_DECAY_SCALE))
+    return xr, xk, xv, logw, sig[-2], gate, mixv
+
+
 def _tmix_v7(em: Emitter, att, xx, st, v_first, i):
     g = em.g
     n = f"blocks.{i}.att."
     H, N = att.H, att.N
     prev, new_x = em.shift(xx, st["att_x"])
     d = em.sub(prev, xx)
-    xr, xw, xk, xv, xa, xg = (_lerp(em, xx, d, getattr(att, f"x_{c}"), n + f"x_{c}") for c in "rwkvag")
+    fast = em.mode == "step" and em.act == np.float32
+    if fast:
+        xr, xk, xv, logw, a, gate, mixv = _v7_branches_step(em, att, xx, d, n, i)
+    else:
+        xr, xw, xk, xv, xa, xg = (_lerp(em, xx, d, getattr(att, f"x_{c}"), n + f"x_{c}") for c in "rwkvag")
     r = em.f32(em.linear(att.receptance, xr))
     k = em.f32(em.linear(att.key, xk))
     v = em.f32(em.linear(att.value, xv))
@@ -632,10 +685,11 @@ def _tmix_v7(em: Emitter, att, xx, st, v_first, i):
         elif act:
             h = g.op(act, h)
         return g.op("MatMul", h, em.p(a2, n + name + "2"))
-    z = em.add(em.p(att.w0, n + "w0", fp32=True), em.f32(lora(xw, att.w1, att.w2, "w", "Tanh")))
-    logw = em.mul(em.sigmoid(z, fp32=True), g.const(-V7_DECAY_SCALE))
-    a = em.sigmoid(em.f32(em.add(em.p(att.a0, n + "a0"), lora(xa, att.a1, att.a2, "a"))), fp32=True)
-    gate = em.f32(lora(xg, att.g1, att.g2, "g", "Sigmoid"))
+    if not fast:
+        z = em.add(em.p(att.w0, n + "w0", fp32=True), em.f32(lora(xw, att.w1, att.w2, "w", "Tanh")))
+        logw = em.mul(em.sigmoid(z, fp32=True), g.const(-V7_DECAY_SCALE))
+        a = em.sigmoid(em.f32(em.add(em.p(att.a0, n + "a0"), lora(xa, att.a1, att.a2, "a"))), fp32=True)
+        gate = em.f32(lora(xg, att.g1, att.g2, "g", "Sigmoid"))
     kk = em.heads(em.mul(k, em.p(att.k_k, n + "k_k", fp32=True)), H, N)
     norm = g.op("Max", g.reduce("ReduceL2", kk, [-1], keepdims=True), g.const(1e-12))
     kk = g.op("Div", kk, norm)
@@ -643,7 +697,8 @@ def _tmix_v7(em: Emitter, att, xx, st, v_first, i):
     if i == 0:
         v_first = v
     else:
-        mixv = em.sigmoid(em.f32(em.add(em.p(att.v0, n + "v0"), lora(xv, att.v1, att.v2, "v"))), fp32=True)
+        if not fast:
+            mixv = em.sigmoid(em.f32(em.add(em.p(att.v0, n + "v0"), lora(xv, att.v1, att.v2, "v"))), fp32=True)
         v = em.add(v, em.mul(em.sub(v_first, v), mixv))
     kh, vh, rh = em.heads(k, H, N), em.heads(v, H, N), em.heads(r, H, N)
     y, S = em.wkv7(rh, em.heads(logw, H, N), kh, vh, g.op("Neg", kk), em.mul(kk, em.heads(a, H, N)), st["wkv"], H, N)
@@ -674,6 +729,30 @@ def state_specs(spec) -> list[tuple[str, list]]:
     return [("att_x", [L, "batch", C]), ("ffn_x", [L, "batch", C]), ("wkv", [L, "batch", H, N, N])]
 
 
+def _layer_states(em: Emitter, name: str, L: int) -> list[str]:
+    """Every layer's part of the input state ``name`` ([L, batch, ...]): the token-shift states
+    (att_x, ffn_x) as (batch, 1, C) in the activation dtype, from one Transpose and one Split;
+    the others (batch, ...) by a Gather each (no Split + Squeeze pair per layer)."""
+    g = em.g
+    x = f"state_in_{name}"
+    if name in SHIFT_STATES:
+        x = em.to_act(g.op("Transpose", x, perm=[1, 0, 2]))                  # (batch, L, C)
+        return g.split(x, [1] * L, 1) if L > 1 else [x]
+    return [g.op("Gather", x, g.const(i, np.int64), axis=0) for i in range(L)]
+
+
+def _stack_states(em: Emitter, name: str, parts: list[str]) -> None:
+    """The output ``state_out_<name>`` [L, batch, ...] from every layer's new state (as
+    _layer_states hands them out): one Concat writing the output (a Reshape after it would copy
+    the whole state once more), after a Transpose back for the token-shift states."""
+    g = em.g
+    out = f"state_out_{name}"
+    if name in SHIFT_STATES:
+        g.op("Transpose", em.f32(g.concat(parts, 1)), perm=[1, 0, 2], out=out)
+    else:
+        g.op("Concat", *[g.unsqueeze(p, 0) for p in parts], axis=0, out=out)
+
+
 def build_onnx_model(model, mode: str = "step", opset: int = DEFAULT_OPSET, chunk_len: int = DEFAULT_CHUNK,
                      logits: str = "all", external: ExternalData | None = None, progress: bool = False,
                      metadata: dict | None = None, linear_op: str = "matmul"):
@@ -695,10 +774,8 @@ def build_onnx_model(model, mode: str = "step", opset: int = DEFAULT_OPSET, chun
     for name, shape in states:
         inputs.append(value_info(f"state_in_{name}", FLOAT, shape))
         outputs.append(value_info(f"state_out_{name}", FLOAT, shape))
-        parts = g.split(f"state_in_{name}", [1] * L, 0) if L > 1 else [f"state_in_{name}"]
-        for i, part in enumerate(parts):
-            s = g.squeeze(part, 0)
-            per_layer[i][name] = em.to_act(s) if name in ("att_x", "ffn_x") else s
+        for i, part in enumerate(_layer_states(em, name, L)):
+            per_layer[i][name] = part
     # embedding with LN0 folded in (the same per-row LayerNorm, done once at export)
     with torch.no_grad():
         emb = torch.nn.functional.layer_norm(model.emb.float(), (spec.n_embd,), model.ln0.weight.float(),
@@ -716,8 +793,7 @@ def build_onnx_model(model, mode: str = "step", opset: int = DEFAULT_OPSET, chun
         x = em.add(x, dx)
         st_att["ffn_x"] = ffn_x
         for name in new_states:
-            s = st_att[name]
-            new_states[name].append(g.unsqueeze(em.f32(s) if name in ("att_x", "ffn_x") else s, 0))
+            new_states[name].append(st_att[name])
         if model.rescale_every and (i + 1) % model.rescale_every == 0:
             x = em.mul(x, g.const(0.5, em.act))
         bar.update(1)
@@ -730,9 +806,8 @@ def build_onnx_model(model, mode: str = "step", opset: int = DEFAULT_OPSET, chun
         g.op("Identity", head, out="logits")
     else:
         g.op("Cast", head, to=FLOAT, out="logits")
-    for name in new_states:
-        g.op("Concat", *new_states[name], axis=0, out=f"state_out_{name}") if L > 1 else \
-            g.op("Identity", new_states[name][0], out=f"state_out_{name}")
+    for name, shape in states:
+        _stack_states(em, name, new_states[name])
     meta = interface_metadata(spec, mode, "fp16" if em.act == np.float16 else "fp32", opset, chunk_len, logits)
     meta["linear_op"] = linear_op
     meta.update(metadata or {})
