@@ -72,6 +72,7 @@ class GraphBuilder:
         self._init_names: set = set()
         self.hints: list = []
         self.init_bytes = 0
+        self._reshaped: dict = {}     # output of a Reshape -> (its input, its constant shape)
 
     # ------------------------------------------------------------------------------- names
     def fresh(self, hint: str = "t") -> str:
@@ -138,8 +139,20 @@ class GraphBuilder:
         return self.op("Squeeze", x, self.i64(*axes))
 
     def reshape(self, x: str, shape) -> str:
-        s = shape if isinstance(shape, str) else self.i64(*shape)
-        return self.op("Reshape", x, s)
+        """Reshape; a reshape of a reshape reads the first one's input instead (one node per
+        chain at run time; the bypassed node is pruned if nothing else reads it). Only where the
+        result cannot differ: no 0 (copy a dim) in the new shape past the first axis, and a 0
+        there only if the first reshape kept that axis too."""
+        if isinstance(shape, str):
+            return self.op("Reshape", x, shape)
+        shape = tuple(int(d) for d in shape)
+        if x in self._reshaped:
+            src, inner = self._reshaped[x]
+            if 0 not in shape[1:] and (shape[0] != 0 or inner[0] == 0):
+                x = src
+        out = self.op("Reshape", x, self.i64(*shape))
+        self._reshaped[out] = (x, shape)
+        return out
 
     def slice(self, x: str, starts, ends, axes, steps=None) -> str:
         def as_in(v):
@@ -177,11 +190,34 @@ class GraphBuilder:
         g = self.proto
         g.name = name
         g.doc_string = doc
-        g.node.extend(self.nodes)
+        g.node.extend(_live_nodes(self.nodes, {o.name for o in outputs}))
         g.input.extend(inputs)
         g.output.extend(outputs)
         g.value_info.extend(self.hints)
         return g
+
+
+def _names_read(node) -> set:
+    """Every value a node reads, its sub-graphs' reads of outer values included."""
+    names = {i for i in node.input if i}
+    for a in node.attribute:
+        for body in ([a.g] if a.type == a.GRAPH else list(a.graphs)):
+            for n in body.node:
+                names |= _names_read(n)
+    return names
+
+
+def _live_nodes(nodes: list, outputs: set) -> list:
+    """The nodes that contribute to ``outputs`` (in their order): a node none of whose outputs is
+    read (e.g. a reshape bypassed by GraphBuilder.reshape) is dropped."""
+    live = [True] * len(nodes)
+    needed = set(outputs)
+    for i in range(len(nodes) - 1, -1, -1):
+        if any(o in needed for o in nodes[i].output):
+            needed |= _names_read(nodes[i])
+        else:
+            live[i] = False
+    return [n for n, keep in zip(nodes, live) if keep]
 
 
 def value_info(name: str, elem_type: int, shape) -> object:

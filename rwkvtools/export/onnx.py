@@ -125,6 +125,7 @@ class Emitter:
         self._keep: list = []
         self._dims: dict = {}
         self.tokens = "tokens"
+        self.T = 1 if mode == "step" else 0     # the time axis in reshapes: literal in step graphs
 
     # ------------------------------------------------------------------------- tensors
     def weight(self, t: torch.Tensor, name: str, transpose: bool = False, dtype=None) -> str:
@@ -224,11 +225,11 @@ class Emitter:
     def group_norm(self, y: str, H: int, N: int, w, b) -> str:
         """Per-head normalisation of y (B, T, H, N) fp32, then the per-channel affine; (B, T, H*N)."""
         g = self.g
-        n = g.reshape(self.normalize(y, GN_EPS, size=N), (0, 0, H * N))
+        n = g.reshape(self.normalize(y, GN_EPS, size=N), (0, self.T, H * N))
         return self.add(self.mul(n, self.p(w, self._pname(w), fp32=True)), self.p(b, self._pname(b), fp32=True))
 
     def heads(self, x: str, H: int, N: int) -> str:
-        return self.g.reshape(x, (0, 0, H, N))
+        return self.g.reshape(x, (0, self.T, H, N))
 
     def shift(self, xx: str, prev_state: str) -> tuple[str, str]:
         """Token shift: x~' for every position (the carried state, (B, 1, C), at position 0) and
@@ -704,7 +705,7 @@ def _tmix_v7(em: Emitter, att, xx, st, v_first, i):
     y, S = em.wkv7(rh, em.heads(logw, H, N), kh, vh, g.op("Neg", kk), em.mul(kk, em.heads(a, H, N)), st["wkv"], H, N)
     y = em.group_norm(y, H, N, att.ln_x_w, att.ln_x_b)
     rk = g.reduce("ReduceSum", em.mul(em.mul(rh, kh), em.p(att.r_k, n + "r_k", fp32=True)), [-1], keepdims=True)
-    y = em.add(y, g.reshape(em.mul(rk, vh), (0, 0, H * N)))
+    y = em.add(y, g.reshape(em.mul(rk, vh), (0, em.T, H * N)))
     return em.linear(att.output, em.to_act(em.mul(y, gate))), {"att_x": new_x, "wkv": S}, v_first
 
 
