@@ -99,6 +99,18 @@ def matmul_floor_session(ck, threads: int, ort):
     return sess, feed
 
 
+def zero_states(sess) -> dict:
+    """The empty state of a session's inputs (batch 1): every state_in_* tensor zero."""
+    return {i.name: np.zeros([1 if d == "batch" else d for d in i.shape], np.float32)
+            for i in sess.get_inputs() if i.name.startswith("state_in_")}
+
+
+def next_states(sess, outs: list) -> dict:
+    """The state_out_* of a call, named as the next call's state_in_* (no copies)."""
+    return {o.name.replace("state_out_", "state_in_"): v for o, v in zip(sess.get_outputs(), outs)
+            if o.name.startswith("state_out_")}
+
+
 def median_step_ms(fn, n: int, warm: int = 4) -> tuple[float, float]:
     for i in range(warm):
         fn(i)
@@ -152,21 +164,18 @@ def main():
     model = build_model(ck)
     toks = torch.randint(0, V, (1, max(args.steps, args.prefill) + 16), generator=torch.Generator().manual_seed(0))
     tnp = toks.numpy()
-    st_shapes = {k: v.shape for k, v in model.init_state(1).items()}
 
     # --- correctness spot check: 8 steps of the step graph against the torch model
     diffs = {}
     for g in ("step", "step_conv"):
-        state = {f"state_in_{k}": np.zeros(s, np.float32) for k, s in st_shapes.items()}
+        state = zero_states(sess[g])
         ref_st, diff = None, 0.0
         with torch.inference_mode():
             for t in range(8):
                 out = sess[g].run(None, {"tokens": tnp[:, t:t + 1], **state})
-                names = [o.name for o in sess[g].get_outputs()]
-                res = dict(zip(names, out))
-                state = {f"state_in_{k}": res[f"state_out_{k}"] for k in st_shapes}
+                state = next_states(sess[g], out)
                 lr, ref_st = model(toks[:, t:t + 1], ref_st)
-                diff = max(diff, float(np.abs(res["logits"] - lr.numpy()).max()))
+                diff = max(diff, float(np.abs(out[0] - lr.numpy()).max()))
         diffs[g] = diff
     diff = max(diffs.values())
 
@@ -177,9 +186,9 @@ def main():
         st = {"s": None}
 
         def step(i):
-            s = st["s"] or {f"state_in_{k}": np.zeros(sh, np.float32) for k, sh in st_shapes.items()}
+            s = st["s"] or zero_states(sess[graph])
             out = sess[graph].run(None, {"tokens": tnp[:, i:i + 1], **s})
-            st["s"] = {f"state_in_{k}": o for k, o in zip(st_shapes, out[1:])}
+            st["s"] = next_states(sess[graph], out)
         return step
     ort_step, conv_step = stepper("step"), stepper("step_conv")
     ort_ms, ort_min = median_step_ms(ort_step, args.steps)
@@ -209,7 +218,7 @@ def main():
 
     # --- prefill
     P = args.prefill
-    zero = {f"state_in_{k}": np.zeros(sh, np.float32) for k, sh in st_shapes.items()}
+    zero = zero_states(sess["seq"])
     pre = {}
     for k in ("seq", "seq_last"):
         best = 1e9

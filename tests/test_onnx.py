@@ -40,12 +40,14 @@ def state_view(major, st):
 
 
 def ort_run(sess, tokens: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
-    """Raw onnxruntime call by the documented interface names (independent of OnnxModel)."""
+    """Raw onnxruntime call by the documented interface names (independent of OnnxModel): the
+    model's stacked state {name: [L, batch, ...]} goes in as state_in_<name>.<layer>, and the
+    state_out_<name>.<layer> come back stacked."""
     feeds = {"tokens": tokens.astype(np.int64)}
-    feeds.update({f"state_in_{k}": v for k, v in state.items()})
+    feeds.update({f"state_in_{k}.{i}": part for k, v in state.items() for i, part in enumerate(v)})
     names = [o.name for o in sess.get_outputs()]
     out = dict(zip(names, sess.run(None, feeds)))
-    return out["logits"], {k: out[f"state_out_{k}"] for k in state}
+    return out["logits"], {k: np.stack([out[f"state_out_{k}.{i}"] for i in range(len(v))]) for k, v in state.items()}
 
 
 def zero_state(model, B):
@@ -180,15 +182,20 @@ def test_interface_names_shapes_and_metadata(tmp_path, tiny_models):
         assert ins["tokens"] == ["batch", "seq"]
         assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
         assert outs["logits"] == ["batch", "seq", 97]
-        assert sorted(k[len("state_in_"):] for k in ins if k.startswith("state_in_")) == sorted(names)
-        for n in names:
+        per_layer = [f"{n}.{i}" for n in names for i in range(3)]          # one tensor per layer
+        assert sorted(k[len("state_in_"):] for k in ins if k.startswith("state_in_")) == sorted(per_layer)
+        assert sorted(k[len("state_out_"):] for k in outs if k.startswith("state_out_")) == sorted(per_layer)
+        for n in per_layer:
             assert ins[f"state_in_{n}"] == outs[f"state_out_{n}"]
-            assert ins[f"state_in_{n}"][:2] == [3, "batch"]
+            assert ins[f"state_in_{n}"][0] == "batch"
+        assert ins["state_in_att_x.2"] == ["batch", 64]
         if version == "7":
-            assert ins["state_in_wkv"] == [3, "batch", 4, 16, 16]
+            assert ins["state_in_wkv.1"] == ["batch", 4, 16, 16]
         meta = json.loads({p.key: p.value for p in m.metadata_props}["rwkvtools"])
         assert meta["rwkv_version"] == version and meta["mode"] == "sequence" and meta["vocab"] == 97
-        assert [s["name"] for s in meta["states"]] == names and meta["empty_state"] == "zeros"
+        assert meta["interface_version"] == 2 and meta["empty_state"] == "zeros"
+        assert [s["name"] for s in meta["states"]] == per_layer
+        assert [(s["group"], s["layer"]) for s in meta["states"]] == [(n, i) for n in names for i in range(3)]
 
 
 # -------------------------------------------------------------------------------- fixtures
@@ -439,3 +446,51 @@ def test_onnx_model_rejects_foreign_files(tmp_path):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(bad))
     with pytest.raises(RwkvToolsError, match="not an RWKV model exported by rwkvtools"):
         OnnxModel(str(bad))
+
+
+def test_onnx_model_reads_stacked_state_files_of_interface_1(tmp_path, tiny_models):
+    """Files of interface 1 (one [n_layer, batch, ...] tensor per state name) still run in
+    OnnxModel: such a file is made here from a per-layer export by wrapping its state inputs
+    in a Split/Squeeze and its outputs in Unsqueeze/Concat, with the old metadata."""
+    from onnx import helper
+    ck = tiny_models["7"]
+    new = tmp_path / "v2.onnx"
+    export(ck, new, mode="step", validate=False)
+    m = onnx.load(str(new))
+    meta = json.loads({p.key: p.value for p in m.metadata_props}["rwkvtools"])
+    L = meta["n_layer"]
+    groups = {}
+    for s in meta["states"]:
+        groups.setdefault(s["group"], s["shape"])
+    g = m.graph
+    per_in = {i.name: i for i in g.input}
+    pre, post, ins, outs = [], [], [per_in["tokens"]], [g.output[0]]
+    const = lambda name, vals: helper.make_tensor(name, onnx.TensorProto.INT64, [len(vals)], vals)  # noqa: E731
+    g.initializer.extend([const("ax0", [0]), const("ones", [1] * L)])
+    for grp, shape in groups.items():
+        stacked = [L] + shape
+        ins.append(helper.make_tensor_value_info(f"state_in_{grp}", onnx.TensorProto.FLOAT, stacked))
+        outs.append(helper.make_tensor_value_info(f"state_out_{grp}", onnx.TensorProto.FLOAT, stacked))
+        parts = [f"{grp}_part{i}" for i in range(L)]
+        pre.append(helper.make_node("Split", [f"state_in_{grp}", "ones"], parts, axis=0))
+        pre += [helper.make_node("Squeeze", [p, "ax0"], [f"state_in_{grp}.{i}"]) for i, p in enumerate(parts)]
+        post += [helper.make_node("Unsqueeze", [f"state_out_{grp}.{i}", "ax0"], [f"{grp}_out{i}"]) for i in range(L)]
+        post.append(helper.make_node("Concat", [f"{grp}_out{i}" for i in range(L)], [f"state_out_{grp}"], axis=0))
+    nodes = pre + list(g.node) + post
+    del g.node[:], g.input[:], g.output[:]
+    g.node.extend(nodes), g.input.extend(ins), g.output.extend(outs)
+    meta.update(interface_version=1, states=[{"name": k, "shape": [L] + s, "dtype": "float32"} for k, s in groups.items()])
+    for p in m.metadata_props:
+        if p.key == "rwkvtools":
+            p.value = json.dumps(meta)
+    old = tmp_path / "v1.onnx"
+    onnx.save(m, str(old))
+    toks = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(4))
+    a, sa = OnnxModel(str(new))(toks)
+    b, sb = OnnxModel(str(old))(toks)
+    assert OnnxModel(str(old)).parts == {k: None for k in groups}
+    assert torch.equal(a, b) and sa.keys() == sb.keys() == groups.keys()
+    for k in groups:
+        assert sa[k].shape == (L, 2, *groups[k][1:]) and torch.equal(sa[k], sb[k])
+    ref, _ = build_model(ck)(toks)
+    assert float((a - ref).abs().max()) < 1e-4

@@ -431,7 +431,7 @@ def test_quantized_model_exports_to_onnx_packed(tiny_models, tmp_path, version, 
     model = build_model(q)
     toks = torch.randint(0, 97, (2, 5), generator=GEN)
     st = model.init_state(2)
-    feeds_state = {f"state_in_{k}": v.numpy() for k, v in st.items()}
+    feeds_state = {f"state_in_{k}.{i}": part.numpy() for k, v in st.items() for i, part in enumerate(v)}
     for t in range(5):
         out = sess.run(None, {"tokens": toks[:, t:t + 1].numpy(), **feeds_state})
         names = [o.name for o in sess.get_outputs()]

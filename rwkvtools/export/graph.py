@@ -73,6 +73,7 @@ class GraphBuilder:
         self.hints: list = []
         self.init_bytes = 0
         self._reshaped: dict = {}     # output of a Reshape -> (its input, its constant shape)
+        self._named: set = set()      # values renamed to graph outputs by name_output
 
     # ------------------------------------------------------------------------------- names
     def fresh(self, hint: str = "t") -> str:
@@ -168,6 +169,24 @@ class GraphBuilder:
 
     def concat(self, xs, axis: int) -> str:
         return xs[0] if len(xs) == 1 else self.op("Concat", *xs, axis=axis)
+
+    def name_output(self, x: str, name: str) -> None:
+        """Make the value ``x`` the graph output ``name``: its producing node writes ``name``
+        directly and its readers read it (no Identity copy). A graph input or a value that
+        already is an output gets an Identity."""
+        producer = next((n for n in reversed(self.nodes) if x in n.output), None)
+        if producer is None or x in self._named:
+            self.op("Identity", x, out=name)
+            return
+        self._named.add(name)
+        for n in self.nodes:
+            for field in (n.input, n.output):
+                for j, v in enumerate(field):
+                    if v == x:
+                        field[j] = name
+        for h in self.hints:
+            if h.name == x:
+                h.name = name
 
     def cast(self, x: str, to: int) -> str:
         return self.op("Cast", x, to=to)

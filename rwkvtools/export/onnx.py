@@ -11,9 +11,10 @@ single source of parameters), mirroring ``rwkvtools/model/*`` operation for oper
   segment sums; v7: factorised around the chunk start, safe by the v7 decay bound; v4: the
   max-shift trick per chunk).
 
-Interface, identical for every version and dtype (docs/ONNX.md): input ``tokens`` int64,
-``state_in_<name>`` float32 [n_layer, batch, ...]; outputs ``logits`` float32
-[batch, seq, vocab] and ``state_out_<name>``. A state of all zeros is the empty state.
+Interface, identical for every version and dtype (docs/ONNX.md): input ``tokens`` int64 and
+one ``state_in_<name>.<layer>`` float32 [batch, ...] per state tensor of every layer; outputs
+``logits`` float32 [batch, seq, vocab] and the matching ``state_out_<name>.<layer>``. A state of
+all zeros is the empty state.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from onnx import helper
 from ..errors import RwkvToolsError
 from .graph import FLOAT, FLOAT16, INT64, ExternalData, GraphBuilder, value_info
 
-INTERFACE_VERSION = 1
+INTERFACE_VERSION = 2                # 2: one state tensor per layer (1: stacked [n_layer, batch, ...])
 DEFAULT_OPSET = 17
 MIN_OPSET = 17                       # LayerNormalization
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000   # bytes of weights; protobuf cannot hold a message over 2 GiB
@@ -49,7 +50,7 @@ V7_DECAY_SCALE = math.exp(-0.5)      # as model/v7.py
 
 CONV_GEMV_MIN = 256 * 1024    # linear_op 'conv': matrices of at least this many weights (not the LoRAs)
 LINEAR_OPS = ("matmul", "conv")
-SHIFT_STATES = ("att_x", "ffn_x")     # token-shift states: [L, batch, C]
+SHIFT_STATES = ("att_x", "ffn_x")     # token-shift states: [batch, C] per layer
 INT64_MAX = np.iinfo(np.int64).max
 
 class ExportError(RwkvToolsError):
@@ -730,28 +731,12 @@ def state_specs(spec) -> list[tuple[str, list]]:
     return [("att_x", [L, "batch", C]), ("ffn_x", [L, "batch", C]), ("wkv", [L, "batch", H, N, N])]
 
 
-def _layer_states(em: Emitter, name: str, L: int) -> list[str]:
-    """Every layer's part of the input state ``name`` ([L, batch, ...]): the token-shift states
-    (att_x, ffn_x) as (batch, 1, C) in the activation dtype, from one Transpose and one Split;
-    the others (batch, ...) by a Gather each (no Split + Squeeze pair per layer)."""
-    g = em.g
-    x = f"state_in_{name}"
-    if name in SHIFT_STATES:
-        x = em.to_act(g.op("Transpose", x, perm=[1, 0, 2]))                  # (batch, L, C)
-        return g.split(x, [1] * L, 1) if L > 1 else [x]
-    return [g.op("Gather", x, g.const(i, np.int64), axis=0) for i in range(L)]
-
-
-def _stack_states(em: Emitter, name: str, parts: list[str]) -> None:
-    """The output ``state_out_<name>`` [L, batch, ...] from every layer's new state (as
-    _layer_states hands them out): one Concat writing the output (a Reshape after it would copy
-    the whole state once more), after a Transpose back for the token-shift states."""
-    g = em.g
-    out = f"state_out_{name}"
-    if name in SHIFT_STATES:
-        g.op("Transpose", em.f32(g.concat(parts, 1)), perm=[1, 0, 2], out=out)
-    else:
-        g.op("Concat", *[g.unsqueeze(p, 0) for p in parts], axis=0, out=out)
+def onnx_state_specs(spec) -> list[tuple[str, str, int, list]]:
+    """The file's state tensors: (name, group, layer, shape) with name '<group>.<layer>' and the
+    group's shape less its layer axis, e.g. ('wkv.3', 'wkv', 3, ['batch', H, N, N]). One tensor
+    per layer, so that a step never copies the state in or out (a stacked [L, batch, ...] input
+    costs one Split and one Concat of the whole state per call)."""
+    return [(f"{name}.{i}", name, i, shape[1:]) for name, shape in state_specs(spec) for i in range(spec.n_layer)]
 
 
 def build_onnx_model(model, mode: str = "step", opset: int = DEFAULT_OPSET, chunk_len: int = DEFAULT_CHUNK,
@@ -770,20 +755,21 @@ def build_onnx_model(model, mode: str = "step", opset: int = DEFAULT_OPSET, chun
     L = spec.n_layer
     inputs = [value_info("tokens", INT64, ["batch", 1 if mode == "step" else "seq"])]
     outputs = [value_info("logits", FLOAT, ["batch", 1 if (mode == "step" or logits == "last") else "seq", spec.vocab])]
-    states = state_specs(spec)
+    states = onnx_state_specs(spec)
     per_layer: list[dict] = [dict() for _ in range(L)]
-    for name, shape in states:
+    for name, group, i, shape in states:
         inputs.append(value_info(f"state_in_{name}", FLOAT, shape))
         outputs.append(value_info(f"state_out_{name}", FLOAT, shape))
-        for i, part in enumerate(_layer_states(em, name, L)):
-            per_layer[i][name] = part
+        # token-shift states enter as (batch, 1, C) in the activation dtype
+        per_layer[i][group] = em.to_act(g.unsqueeze(f"state_in_{name}", 1)) if group in SHIFT_STATES \
+            else f"state_in_{name}"
     # embedding with LN0 folded in (the same per-row LayerNorm, done once at export)
     with torch.no_grad():
         emb = torch.nn.functional.layer_norm(model.emb.float(), (spec.n_embd,), model.ln0.weight.float(),
                                              model.ln0.bias.float(), LN_EPS)
     x = g.op("Gather", em.weight(emb, "emb.weight.ln0"), "tokens", axis=0)
     tmix, cmix = _BLOCKS[spec.major]
-    new_states: dict[str, list] = {name: [] for name, _ in states}
+    new_states: list[dict] = []
     v_first = None
     bar = tqdm(total=L, desc="building graph", unit="layer", file=sys.stderr, disable=not progress, leave=False)
     for i, blk in enumerate(model.blocks):
@@ -793,8 +779,7 @@ def build_onnx_model(model, mode: str = "step", opset: int = DEFAULT_OPSET, chun
         dx, ffn_x = cmix(em, blk.ffn, em.layer_norm(x, blk.ln2), st["ffn_x"], i)
         x = em.add(x, dx)
         st_att["ffn_x"] = ffn_x
-        for name in new_states:
-            new_states[name].append(st_att[name])
+        new_states.append(st_att)
         if model.rescale_every and (i + 1) % model.rescale_every == 0:
             x = em.mul(x, g.const(0.5, em.act))
         bar.update(1)
@@ -807,14 +792,16 @@ def build_onnx_model(model, mode: str = "step", opset: int = DEFAULT_OPSET, chun
         g.op("Identity", head, out="logits")
     else:
         g.op("Cast", head, to=FLOAT, out="logits")
-    for name, shape in states:
-        _stack_states(em, name, new_states[name])
+    for name, group, i, _ in states:
+        new = new_states[i][group]
+        g.name_output(g.squeeze(em.f32(new), 1) if group in SHIFT_STATES else new, f"state_out_{name}")
     meta = interface_metadata(spec, mode, "fp16" if em.act == np.float16 else "fp32", opset, chunk_len, logits)
     meta["linear_op"] = linear_op
     meta.update(metadata or {})
     doc = (f"RWKV v{spec.version} exported by rwkvtools ({mode} mode). Inputs: tokens int64 [batch, {seq}], "
-           + ", ".join(f"state_in_{n} float32 {s}" for n, s in states)
-           + ". Outputs: logits float32 [batch, seq, vocab] and the matching state_out_*. A state of all zeros "
+           + ", ".join(f"state_in_{n}.<layer> float32 {s[1:]}" for n, s in state_specs(spec))
+           + f" (layer 0..{L - 1}). Outputs: logits float32 [batch, seq, vocab] and the matching state_out_*. "
+           "A state of all zeros "
            "is the empty state. See docs/ONNX.md.")
     g.graph(f"rwkv{spec.version.replace('.', '_')}_{mode}", inputs, outputs, doc)   # fills mp.graph
     ir = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
@@ -841,9 +828,10 @@ def interface_metadata(spec, mode, dtype, opset, chunk_len, logits) -> dict:
             "rwkv_version": spec.version, "mode": mode, "dtype": dtype, "opset": opset,
             "chunk_len": chunk_len if mode == "sequence" else None, "logits": "all" if mode == "step" else logits,
             "n_layer": spec.n_layer, "n_embd": spec.n_embd, "n_head": spec.n_head, "head_size": spec.head_size,
-            "vocab": spec.vocab, "inputs": ["tokens"] + [f"state_in_{n}" for n, _ in state_specs(spec)],
-            "outputs": ["logits"] + [f"state_out_{n}" for n, _ in state_specs(spec)],
-            "states": [{"name": n, "shape": s, "dtype": "float32"} for n, s in state_specs(spec)],
+            "vocab": spec.vocab, "inputs": ["tokens"] + [f"state_in_{n}" for n, *_ in onnx_state_specs(spec)],
+            "outputs": ["logits"] + [f"state_out_{n}" for n, *_ in onnx_state_specs(spec)],
+            "states": [{"name": n, "group": grp, "layer": i, "shape": s, "dtype": "float32"}
+                       for n, grp, i, s in onnx_state_specs(spec)],
             "empty_state": "zeros"}
 
 
@@ -1056,4 +1044,4 @@ def validation_failure_message(report: dict) -> str:
 
 
 __all__ = ["export_onnx", "build_onnx_model", "register_onnx_linear", "validate_onnx", "compare_with_reference",
-           "state_specs", "ExportError", "Emitter"]
+           "state_specs", "onnx_state_specs", "ExportError", "Emitter"]

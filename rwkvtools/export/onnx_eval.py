@@ -53,7 +53,7 @@ class OnnxModel:
             self.vocab = int(self.meta["vocab"])
             self.mode = self.meta["mode"]
             self.n_layer = int(self.meta["n_layer"])
-            self.states = [(s["name"], list(s["shape"])) for s in self.meta["states"]]
+            self._layout(self.meta["states"])
         except (ValueError, KeyError, TypeError) as e:
             raise FormatError(f"{path}: unreadable rwkvtools metadata ({e})") from None
         self.logits_mode = self.meta.get("logits", "all")
@@ -61,19 +61,50 @@ class OnnxModel:
         self.backend = f"onnxruntime-{self.providers[0].replace('ExecutionProvider', '').lower()}"
         self.path = path
 
+    def _layout(self, entries: list) -> None:
+        """The model's state convention from the file's: ``self.states`` [(group, [L, 'batch',
+        ...])] as the reference model keeps it, ``self.parts`` {group: [file tensor name per
+        layer]} (interface 2: one tensor per layer) or {group: None} (interface 1: the file
+        holds the stacked tensor itself)."""
+        self.states, self.parts = [], {}
+        for e in entries:
+            group = e.get("group")
+            if group is None:                               # interface 1: stacked
+                self.states.append((e["name"], list(e["shape"])))
+                self.parts[e["name"]] = None
+                continue
+            if group not in self.parts:
+                self.states.append((group, [self.n_layer] + list(e["shape"])))
+                self.parts[group] = [None] * self.n_layer
+            self.parts[group][int(e["layer"])] = e["name"]
+        for group, names in self.parts.items():
+            if names is not None and None in names:
+                raise ValueError(f"state '{group}' lacks a layer")
+
     def init_state(self, batch_size: int = 1) -> dict[str, torch.Tensor]:
-        """The empty state: zeros of every state tensor."""
+        """The empty state: zeros of every state tensor, stacked over layers as the reference
+        model keeps it."""
         return {n: torch.zeros([batch_size if d == "batch" else int(d) for d in shp], dtype=torch.float32)
                 for n, shp in self.states}
 
     def _run(self, tokens: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
         feeds = {"tokens": tokens}
         for n, _ in self.states:
-            feeds[f"state_in_{n}"] = np.ascontiguousarray(state[n].detach().cpu().float().numpy())
+            st = np.ascontiguousarray(state[n].detach().cpu().float().numpy())
+            if self.parts[n] is None:
+                feeds[f"state_in_{n}"] = st
+            else:
+                feeds.update({f"state_in_{part}": st[i] for i, part in enumerate(self.parts[n])})
         outs = self.session.run(None, feeds)
         names = [o.name for o in self.session.get_outputs()]
         res = dict(zip(names, outs))
-        return res["logits"], {n: torch.from_numpy(res[f"state_out_{n}"]) for n, _ in self.states}
+        new = {}
+        for n, _ in self.states:
+            if self.parts[n] is None:
+                new[n] = torch.from_numpy(res[f"state_out_{n}"])
+            else:
+                new[n] = torch.from_numpy(np.stack([res[f"state_out_{part}"] for part in self.parts[n]]))
+        return res["logits"], new
 
     def forward(self, tokens, state: dict | None = None):
         toks = torch.as_tensor(tokens, dtype=torch.long)
