@@ -69,41 +69,36 @@ def read_bandwidth_gbs(threads: int, mib: int = 1024, reps: int = 5) -> dict:
     return {"gbs": buf.numel() * 4 / best / 1e9, "mib": mib}
 
 
-def floor_session(ck, threads: int, ort, conv_min: int | None = None):
-    """An onnxruntime session that runs only the step's matrix-vector products: every 2-D weight
-    of the checkpoint except the embedding, in checkpoint order, each against a [1, 1, in] input
-    (``conv_min``: matrices of at least that many weights as a 1x1 Conv over [1, in, 1, 1] instead,
-    as export-onnx --linear-op conv writes them). Its time is what onnxruntime's own product
-    kernels need to read the step's weights."""
-    from onnx import TensorProto, helper, numpy_helper
-    nodes, inits, outs, ins = [], [], [], set()
-    for i, (k, v) in enumerate(ck.tensors.items()):
-        if v.dim() != 2 or k == "emb.weight":
-            continue
-        w = v.float().numpy()
-        if not k.endswith(".weight"):      # stored (in, out); products below take (out, in)
-            w = np.ascontiguousarray(w.T)
-        n_in = w.shape[1]
-        if conv_min is not None and w.size >= conv_min:
-            inits.append(numpy_helper.from_array(w.reshape(*w.shape, 1, 1), f"w{i}"))
-            nodes.append(helper.make_node("Conv", [f"c{n_in}", f"w{i}"], [f"y{i}"]))
-            ins.add(("c", n_in))
-        else:                              # MatMul takes (in, out), as the export stores it
-            inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), f"w{i}"))
-            nodes.append(helper.make_node("MatMul", [f"x{n_in}", f"w{i}"], [f"y{i}"]))
-            ins.add(("x", n_in))
-        outs.append(f"y{i}")
-    shape = {"x": lambda n: [1, 1, n], "c": lambda n: [1, n, 1, 1]}
+def floor_session(path: str, threads: int, ort):
+    """An onnxruntime session that runs only the products of the exported step graph at
+    ``path``: its MatMul and Conv nodes whose weight is an initializer (every weight matrix the
+    step reads, the LoRA products stacked as the graph writes them), each against an input of the
+    shape it has in the step (shape inference, batch 1), nothing else. Its time is what
+    onnxruntime's own product kernels need to read the step's weights."""
+    import onnx
+    from onnx import TensorProto, helper
+    m = onnx.shape_inference.infer_shapes(onnx.load(path))
+    inits = {t.name: t for t in m.graph.initializer}
+    shapes = {v.name: [d.dim_value or 1 for d in v.type.tensor_type.shape.dim]
+              for v in list(m.graph.value_info) + list(m.graph.input)}
+    nodes, weights, ins = [], [], {}
+    for n in m.graph.node:
+        if n.op_type in ("MatMul", "Conv") and len(n.input) > 1 and n.input[1] in inits:
+            x = f"in{len(nodes)}"
+            ins[x] = shapes[n.input[0]]
+            nodes.append(helper.make_node(n.op_type, [x, n.input[1]], [f"y{len(nodes)}"]))
+            weights.append(inits[n.input[1]])
     g = helper.make_graph(nodes, "product_floor",
-                          [helper.make_tensor_value_info(f"{t}{n}", TensorProto.FLOAT, shape[t](n)) for t, n in sorted(ins)],
-                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, shp) for x, shp in ins.items()],
+                          [helper.make_tensor_value_info(nd.output[0], TensorProto.FLOAT, None) for nd in nodes],
+                          weights)
+    fm = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(fm.SerializeToString(), so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    feed = {f"{t}{n}": rng.standard_normal(shape[t](n), dtype=np.float32) for t, n in ins}
+    feed = {x: rng.standard_normal(shp, dtype=np.float32) for x, shp in ins.items()}
     return sess, feed
 
 
@@ -142,7 +137,7 @@ def main():
     args = ap.parse_args()
     import onnxruntime as ort
 
-    from rwkvtools.export.onnx import CONV_GEMV_MIN, export_onnx
+    from rwkvtools.export.onnx import export_onnx
     from rwkvtools.io.pth import write_pth
     from rwkvtools.model import build_model
     from rwkvtools.random_init import random_checkpoint
@@ -210,8 +205,8 @@ def main():
     # --- the bound and the step in the same minutes: this machine's bandwidth drifts by 20% or
     # more between minutes, so rounds alternate bandwidth, step graph and the MatMul-only floor,
     # and the ratio is taken within each round (median over rounds).
-    floor_sess, floor_feed = floor_session(ck, args.threads, ort)
-    cfloor_sess, cfloor_feed = floor_session(ck, args.threads, ort, conv_min=CONV_GEMV_MIN)
+    floor_sess, floor_feed = floor_session(paths["step"], args.threads, ort)
+    cfloor_sess, cfloor_feed = floor_session(paths["step_conv"], args.threads, ort)
     rounds = []
     for _ in range(args.rounds):
         bw_r = read_bandwidth_gbs(args.threads, reps=3)["gbs"]
@@ -298,15 +293,15 @@ def main():
         print(f"  onnxruntime profile of the {label} ({pr['nodes']} nodes after onnxruntime's optimiser): "
               f"product kernels {pr['products_ms']:.1f} ms ({step_bytes / 1e6 / pr['products_ms']:.2f} GB/s), "
               f"all other kernels {pr['other_ms']:.1f} ms")
-    print(f"  interleaved rounds ({args.rounds}; bandwidth / step graph / conv step graph / the products alone as "
-          "MatMul and as the conv graph writes them, in the same minute):")
+    print(f"  interleaved rounds ({args.rounds}; bandwidth / step graph / conv step graph / the products of each "
+          "graph alone, in the same minute):")
     for r in rounds:
         print(f"    {r['gbs']:5.1f} GB/s bound {r['bound_ms']:5.1f} ms | step {r['step_ms']:5.1f} ms = "
               f"{r['step_x_bound']:.2f}x | conv {r['conv_step_ms']:5.1f} ms = {r['conv_x_bound']:.2f}x | "
               f"MatMul-only {r['matmul_floor_ms']:5.1f} ms = {r['floor_x_bound']:.2f}x | "
               f"Conv-only {r['conv_floor_ms']:5.1f} ms = {r['conv_floor_x_bound']:.2f}x")
     print(f"  median over rounds: step graph {r_step:.2f}x bound, with --linear-op conv {r_conv:.2f}x; "
-          f"onnxruntime's product kernels alone {r_floor:.2f}x (MatMul), {r_cfloor:.2f}x (as in the conv graph)")
+          f"their products alone {r_floor:.2f}x (MatMul graph), {r_cfloor:.2f}x (conv graph)")
     if cr:
         print(f"  ChatRWKV rwkv 0.8.32   : {cr['step_ms']:7.1f} / {cr['step_ms_min']:6.1f} ms  = "
               f"{cr['step_ms'] / bound_ms:.2f}x bound; onnxruntime is {cr['step_ms'] / ort_ms:.2f}x ChatRWKV's speed "

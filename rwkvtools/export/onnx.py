@@ -789,7 +789,7 @@ def build_onnx_model(model, mode: str = "step", opset: int = DEFAULT_OPSET, chun
         x = g.unsqueeze(g.op("Gather", x, g.const(-1, np.int64), axis=1), 1)
     head = em.linear(model.head, x)
     if em.act == np.float32:
-        g.op("Identity", head, out="logits")
+        g.name_output(head, "logits")
     else:
         g.op("Cast", head, to=FLOAT, out="logits")
     for name, group, i, _ in states:
