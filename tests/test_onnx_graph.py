@@ -65,3 +65,21 @@ def test_name_output_renames_the_producer_and_its_readers_without_a_copy():
     x = np.array([1.0, 2.0, 3.0], np.float32)
     so, echo, rr = sess.run(None, {"x": x})
     assert np.array_equal(so, x + 1) and np.array_equal(echo, x) and np.array_equal(rr, (x + 1) * 2)
+
+
+def test_name_output_copies_a_value_a_subgraph_reads_by_name():
+    g = GraphBuilder(17)
+    outer = g.op("Neg", "x")
+    b = g.sub()
+    i, c, s = b.fresh("i"), b.fresh("c"), b.fresh("s")
+    body = b.graph("body", [value_info(i, 7, []), value_info(c, 9, []), value_info(s, FLOAT, [3])],
+                   [value_info(b.op("Identity", c), 9, []), value_info(b.op("Add", s, outer), FLOAT, [3])])
+    loop = g.op("Loop", g.const(2, np.int64), g.const(True, np.bool_), "x", body=body)
+    g.name_output(outer, "neg")                               # the body reads `outer`: keep it, copy
+    g.op("Identity", loop, out="y")
+    m, sess = build(g, [value_info("x", FLOAT, [3])], [value_info("neg", FLOAT, None), value_info("y", FLOAT, None)])
+    assert any(n.op_type == "Identity" and list(n.input) == [outer] for n in m.graph.node)
+    x = np.array([1.0, 2.0, 3.0], np.float32)
+    neg, y = sess.run(None, {"x": x})
+    assert np.array_equal(neg, -x) and np.allclose(y, x - 2 * x)
+

@@ -172,10 +172,11 @@ class GraphBuilder:
 
     def name_output(self, x: str, name: str) -> None:
         """Make the value ``x`` the graph output ``name``: its producing node writes ``name``
-        directly and its readers read it (no Identity copy). A graph input or a value that
-        already is an output gets an Identity."""
+        directly and its readers read it (no Identity copy). A graph input, a value that already
+        is an output, or one a sub-graph (Scan/Loop body) reads by name gets an Identity."""
         producer = next((n for n in reversed(self.nodes) if x in n.output), None)
-        if producer is None or x in self._named:
+        read_in_body = any(x in _names_read(n) for n in self.nodes if any(a.type in (a.GRAPH, a.GRAPHS) for a in n.attribute))
+        if producer is None or x in self._named or read_in_body:
             self.op("Identity", x, out=name)
             return
         self._named.add(name)
