@@ -83,7 +83,7 @@ def floor_session(path: str, threads: int, ort):
               for v in list(m.graph.value_info) + list(m.graph.input)}
     nodes, weights, ins = [], [], {}
     for n in m.graph.node:
-        if n.op_type in ("MatMul", "Conv") and len(n.input) > 1 and n.input[1] in inits:
+        if n.op_type in ("MatMul", "Conv") and len(n.input) > 1 and n.input[1] in inits:   # fp32 graphs
             x = f"in{len(nodes)}"
             ins[x] = shapes[n.input[0]]
             nodes.append(helper.make_node(n.op_type, [x, n.input[1]], [f"y{len(nodes)}"]))
@@ -203,8 +203,8 @@ def main():
     torch_ms, torch_min = median_step_ms(torch_step, args.steps)
 
     # --- the bound and the step in the same minutes: this machine's bandwidth drifts by 20% or
-    # more between minutes, so rounds alternate bandwidth, step graph and the MatMul-only floor,
-    # and the ratio is taken within each round (median over rounds).
+    # more between minutes, so rounds alternate bandwidth, the step graphs and their products
+    # alone, and the ratio is taken within each round (median over rounds).
     floor_sess, floor_feed = floor_session(paths["step"], args.threads, ort)
     cfloor_sess, cfloor_feed = floor_session(paths["step_conv"], args.threads, ort)
     rounds = []

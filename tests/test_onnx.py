@@ -479,7 +479,8 @@ def test_onnx_model_reads_stacked_state_files_of_interface_1(tmp_path, tiny_mode
     nodes = pre + list(g.node) + post
     del g.node[:], g.input[:], g.output[:]
     g.node.extend(nodes), g.input.extend(ins), g.output.extend(outs)
-    meta.update(interface_version=1, states=[{"name": k, "shape": [L] + s, "dtype": "float32"} for k, s in groups.items()])
+    meta.update(interface_version=1,
+                states=[{"name": k, "shape": [L] + s, "dtype": "float32"} for k, s in groups.items()])
     for p in m.metadata_props:
         if p.key == "rwkvtools":
             p.value = json.dumps(meta)
@@ -494,3 +495,17 @@ def test_onnx_model_reads_stacked_state_files_of_interface_1(tmp_path, tiny_mode
         assert sa[k].shape == (L, 2, *groups[k][1:]) and torch.equal(sa[k], sb[k])
     ref, _ = build_model(ck)(toks)
     assert float((a - ref).abs().max()) < 1e-4
+
+
+def test_onnx_model_refuses_metadata_that_lacks_a_layer_of_a_state(tmp_path, tiny_models):
+    path = tmp_path / "m.onnx"
+    export(tiny_models["7"], path, mode="step", validate=False)
+    m = onnx.load(str(path))
+    for p in m.metadata_props:
+        if p.key == "rwkvtools":
+            meta = json.loads(p.value)
+            meta["states"] = [s for s in meta["states"] if s["name"] != "wkv.1"]
+            p.value = json.dumps(meta)
+    onnx.save(m, str(path))
+    with pytest.raises(RwkvToolsError, match="unreadable rwkvtools metadata.*'wkv' lacks a layer"):
+        OnnxModel(str(path))

@@ -42,9 +42,10 @@ def export_onnx_cmd(src, out, mode, dtype, opset, chunk_len, logits, linear_op, 
 
     Inputs: tokens int64 [batch, 1|seq] and one state_in_<name>.<layer> float32 [batch, ...]
     per state tensor of every layer; outputs: logits float32 [batch, seq, vocab] and the
-    matching state_out_<name>.<layer>. A state of all zeros is the empty state (docs/ONNX.md). Unless --no-validate, the file is run in onnxruntime on
-    random prompts and stepped through its state against the torch model; it is written only if
-    the max |logit diff| stays within the tolerance (exit 1 otherwise).
+    matching state_out_<name>.<layer>. A state of all zeros is the empty state (docs/ONNX.md).
+    Unless --no-validate, the file is run in onnxruntime on random prompts and stepped through
+    its state against the torch model; it is written only if the max |logit diff| stays within
+    the tolerance (exit 1 otherwise).
 
     \b
     Examples:

@@ -175,7 +175,8 @@ class GraphBuilder:
         directly and its readers read it (no Identity copy). A graph input, a value that already
         is an output, or one a sub-graph (Scan/Loop body) reads by name gets an Identity."""
         producer = next((n for n in reversed(self.nodes) if x in n.output), None)
-        read_in_body = any(x in _names_read(n) for n in self.nodes if any(a.type in (a.GRAPH, a.GRAPHS) for a in n.attribute))
+        read_in_body = any(x in _names_read(n) for n in self.nodes
+                           if any(a.type in (a.GRAPH, a.GRAPHS) for a in n.attribute))
         if producer is None or x in self._named or read_in_body:
             self.op("Identity", x, out=name)
             return
