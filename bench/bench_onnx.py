@@ -76,7 +76,7 @@ def floor_session(path: str, threads: int, ort):
     shape it has in the step (shape inference, batch 1), nothing else. Its time is what
     onnxruntime's own product kernels need to read the step's weights."""
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
     m = onnx.shape_inference.infer_shapes(onnx.load(path))
     inits = {t.name: t for t in m.graph.initializer}
     shapes = {v.name: [d.dim_value or 1 for d in v.type.tensor_type.shape.dim]
@@ -99,7 +99,13 @@ def floor_session(path: str, threads: int, ort):
     sess = ort.InferenceSession(fm.SerializeToString(), so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feed = {x: rng.standard_normal(shp, dtype=np.float32) for x, shp in ins.items()}
-    return sess, feed
+    return sess, feed, [torch.from_numpy(numpy_helper.to_array(w).copy()) for w in weights]
+
+
+def sum_each(mats: list) -> None:
+    """The simplest reader of the same bytes in the same pieces: torch.sum of each matrix in turn."""
+    for w in mats:
+        w.sum()
 
 
 def zero_states(sess) -> dict:
@@ -205,8 +211,8 @@ def main():
     # --- the bound and the step in the same minutes: this machine's bandwidth drifts by 20% or
     # more between minutes, so rounds alternate bandwidth, the step graphs and their products
     # alone, and the ratio is taken within each round (median over rounds).
-    floor_sess, floor_feed = floor_session(paths["step"], args.threads, ort)
-    cfloor_sess, cfloor_feed = floor_session(paths["step_conv"], args.threads, ort)
+    floor_sess, floor_feed, _ = floor_session(paths["step"], args.threads, ort)
+    cfloor_sess, cfloor_feed, cmats = floor_session(paths["step_conv"], args.threads, ort)
     rounds = []
     for _ in range(args.rounds):
         bw_r = read_bandwidth_gbs(args.threads, reps=3)["gbs"]
@@ -214,14 +220,17 @@ def main():
         cv_r, _ = median_step_ms(conv_step, max(8, args.steps // 3), warm=1)
         fl_r, _ = median_step_ms(lambda i: floor_sess.run(None, floor_feed), max(8, args.steps // 3), warm=1)
         cf_r, _ = median_step_ms(lambda i: cfloor_sess.run(None, cfloor_feed), max(8, args.steps // 3), warm=1)
+        sm_r, _ = median_step_ms(lambda i: sum_each(cmats), max(8, args.steps // 3), warm=1)
         b_r = step_bytes / (bw_r * 1e9) * 1000
         rounds.append({"gbs": bw_r, "bound_ms": b_r, "step_ms": st_r, "conv_step_ms": cv_r, "matmul_floor_ms": fl_r,
-                       "conv_floor_ms": cf_r, "step_x_bound": st_r / b_r, "conv_x_bound": cv_r / b_r,
-                       "floor_x_bound": fl_r / b_r, "conv_floor_x_bound": cf_r / b_r})
+                       "conv_floor_ms": cf_r, "sum_each_ms": sm_r, "step_x_bound": st_r / b_r,
+                       "conv_x_bound": cv_r / b_r, "floor_x_bound": fl_r / b_r, "conv_floor_x_bound": cf_r / b_r,
+                       "sum_each_x_bound": sm_r / b_r})
     r_step = statistics.median(r["step_x_bound"] for r in rounds)
     r_conv = statistics.median(r["conv_x_bound"] for r in rounds)
     r_floor = statistics.median(r["floor_x_bound"] for r in rounds)
     r_cfloor = statistics.median(r["conv_floor_x_bound"] for r in rounds)
+    r_sum = statistics.median(r["sum_each_x_bound"] for r in rounds)
 
     # --- prefill
     P = args.prefill
@@ -294,14 +303,16 @@ def main():
               f"product kernels {pr['products_ms']:.1f} ms ({step_bytes / 1e6 / pr['products_ms']:.2f} GB/s), "
               f"all other kernels {pr['other_ms']:.1f} ms")
     print(f"  interleaved rounds ({args.rounds}; bandwidth / step graph / conv step graph / the products of each "
-          "graph alone, in the same minute):")
+          "graph alone / torch.sum of each of the conv graph's product weights in turn, in the same minute):")
     for r in rounds:
         print(f"    {r['gbs']:5.1f} GB/s bound {r['bound_ms']:5.1f} ms | step {r['step_ms']:5.1f} ms = "
               f"{r['step_x_bound']:.2f}x | conv {r['conv_step_ms']:5.1f} ms = {r['conv_x_bound']:.2f}x | "
               f"MatMul-only {r['matmul_floor_ms']:5.1f} ms = {r['floor_x_bound']:.2f}x | "
-              f"Conv-only {r['conv_floor_ms']:5.1f} ms = {r['conv_floor_x_bound']:.2f}x")
+              f"Conv-only {r['conv_floor_ms']:5.1f} ms = {r['conv_floor_x_bound']:.2f}x | "
+              f"sum each {r['sum_each_ms']:5.1f} ms = {r['sum_each_x_bound']:.2f}x")
     print(f"  median over rounds: step graph {r_step:.2f}x bound, with --linear-op conv {r_conv:.2f}x; "
-          f"their products alone {r_floor:.2f}x (MatMul graph), {r_cfloor:.2f}x (conv graph)")
+          f"their products alone {r_floor:.2f}x (MatMul graph), {r_cfloor:.2f}x (conv graph); torch.sum of the same "
+          f"weights matrix by matrix {r_sum:.2f}x")
     if cr:
         print(f"  ChatRWKV rwkv 0.8.32   : {cr['step_ms']:7.1f} / {cr['step_ms_min']:6.1f} ms  = "
               f"{cr['step_ms'] / bound_ms:.2f}x bound; onnxruntime is {cr['step_ms'] / ort_ms:.2f}x ChatRWKV's speed "
@@ -320,7 +331,7 @@ def main():
                "profile": prof,
                "chatrwkv": cr, "prefill": pre, "step_logit_diff": diff,
                "rounds": rounds, "step_x_bound_median": r_step, "matmul_floor_x_bound_median": r_floor,
-               "conv_floor_x_bound_median": r_cfloor}
+               "conv_floor_x_bound_median": r_cfloor, "sum_each_x_bound_median": r_sum}
     print("json:", json.dumps(summary))
     import shutil
     shutil.rmtree(tmp, ignore_errors=True)
