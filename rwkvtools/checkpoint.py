@@ -7,11 +7,14 @@ materialises one tensor at a time, so a large model can be streamed tensor by te
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
+
+from .errors import FormatError
 
 MANIFEST_FORMAT_VERSION = 1
 
@@ -67,6 +70,27 @@ def tensor_dtype(tensors: Mapping, name: str) -> torch.dtype:
 
 def default_manifest() -> dict[str, Any]:
     return {"format_version": MANIFEST_FORMAT_VERSION, "form": "parallel", "history": []}
+
+
+def parse_manifest(text, where: str) -> dict[str, Any]:
+    """The manifest a file stores as JSON text (or UTF-8 bytes), checked to have the structure the
+    rest of rwkvtools reads: an object, ``form`` a string, ``history`` a list of objects (their
+    ``options`` objects), ``notes`` a list. ``where`` names the file in the FormatError."""
+    try:
+        m = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FormatError(f"{where}: the stored manifest is not valid JSON") from None
+    except RecursionError:
+        raise FormatError(f"{where}: the stored manifest is nested too deep to be a manifest") from None
+    if not isinstance(m, dict):
+        raise FormatError(f"{where}: the stored manifest is not a JSON object")
+    history = m.get("history", [])
+    if (not isinstance(m.get("form", ""), str) or not isinstance(history, list)
+            or not isinstance(m.get("notes", []), list)
+            or not all(isinstance(h, dict) and isinstance(h.get("options", {}), dict) for h in history)):
+        raise FormatError(f"{where}: the stored manifest is damaged ('form' must be a string, 'history' "
+                          "a list of objects, 'notes' a list)")
+    return m
 
 
 @dataclass

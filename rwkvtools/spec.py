@@ -53,15 +53,18 @@ def linear_shape(tensors: Mapping, prefix: str) -> tuple[int, int] | None:
         if len(s) == 2:
             return (s[0], s[1])
     if f"{prefix}.weight_u" in tensors and f"{prefix}.weight_v" in tensors:  # low-rank U(out,r) V(r,in)
-        return (tensor_shape(tensors, f"{prefix}.weight_u")[0], tensor_shape(tensors, f"{prefix}.weight_v")[1])
+        return (_matrix(tensors, f"{prefix}.weight_u")[0], _matrix(tensors, f"{prefix}.weight_v")[1])
     if f"{prefix}.weight_int8" in tensors:  # quantized int8 (out, in)
-        s = tensor_shape(tensors, f"{prefix}.weight_int8")
-        return (s[0], s[1])
+        return _matrix(tensors, f"{prefix}.weight_int8")
     if f"{prefix}.weight_int4" in tensors:  # quantized int4, two values per byte (out, in/2)
-        s = tensor_shape(tensors, f"{prefix}.weight_int4")
+        s = _matrix(tensors, f"{prefix}.weight_int4")
         return (s[0], 2 * s[1])
     if f"{prefix}.shape" in tensors:  # quantized / shared linears store their logical shape
-        s = tensors[f"{prefix}.shape"].tolist()
+        t = tensors[f"{prefix}.shape"]
+        if t.dim() != 1 or t.numel() != 2 or t.is_floating_point() or t.is_complex():
+            raise SpecError(f"'{prefix}.shape' must hold the two integers (out, in), found {t.dtype} "
+                            f"of shape {tuple(t.shape)}")
+        s = t.tolist()
         return (int(s[0]), int(s[1]))
     src = shared_source(tensors, f"{prefix}.weight")  # recursive: shared block matrix (+ LoRA)
     if src is not None:
@@ -124,14 +127,27 @@ def _layers(tensors: Mapping) -> int:
     return n
 
 
-def _need(tensors: Mapping, name: str, what: str) -> tuple:
+def _matrix(tensors: Mapping, name: str) -> tuple[int, int]:
+    s = tensor_shape(tensors, name)
+    if len(s) != 2:
+        raise SpecError(f"'{name}' must be a matrix, found shape {tuple(s)}")
+    return (s[0], s[1])
+
+
+def _need(tensors: Mapping, name: str, what: str, ndim: int | tuple[int, ...] = ()) -> tuple:
+    """The shape of ``name``; ``ndim``: the dimension count(s) it must have."""
     if name not in tensors:
         raise SpecError(f"{what}: expected tensor '{name}', which is missing")
-    return tensor_shape(tensors, name)
+    s = tuple(tensor_shape(tensors, name))
+    ok = (ndim,) if isinstance(ndim, int) else ndim
+    if ok and len(s) not in ok:
+        want = " or ".join(map(str, ok))
+        raise SpecError(f"{what}: tensor '{name}' has shape {s}, expected {want} dimensions")
+    return s
 
 
 def _common(tensors: Mapping) -> tuple[int, int, int, int]:
-    v, c = _need(tensors, "emb.weight", "embedding")
+    v, c = _need(tensors, "emb.weight", "embedding", 2)
     n_layer = _layers(tensors)
     if n_layer == 0:
         raise SpecError("no 'blocks.<i>.*' tensors found: this is not an RWKV checkpoint")
@@ -143,12 +159,12 @@ def _common(tensors: Mapping) -> tuple[int, int, int, int]:
 
 def _detect_v7(t: Mapping) -> ModelSpec:
     v, c, n_layer, ffn = _common(t)
-    h, n = _need(t, "blocks.0.att.r_k", "v7 bonus")
-    lora = {"w": _need(t, "blocks.0.att.w1", "v7 decay LoRA")[1],
-            "a": _need(t, "blocks.0.att.a1", "v7 ICLR LoRA")[1],
-            "g": _need(t, "blocks.0.att.g1", "v7 gate LoRA")[1]}
+    h, n = _need(t, "blocks.0.att.r_k", "v7 bonus", 2)
+    lora = {"w": _need(t, "blocks.0.att.w1", "v7 decay LoRA", 2)[1],
+            "a": _need(t, "blocks.0.att.a1", "v7 ICLR LoRA", 2)[1],
+            "g": _need(t, "blocks.0.att.g1", "v7 gate LoRA", 2)[1]}
     if n_layer > 1:
-        lora["v"] = _need(t, "blocks.1.att.v1", "v7 value-residual LoRA")[1]
+        lora["v"] = _need(t, "blocks.1.att.v1", "v7 value-residual LoRA", 2)[1]
     else:
         lora["v"] = 0
     for bad in ("blocks.0.ffn.s_emb.weight", "blocks.0.ffn.s0"):
@@ -159,21 +175,21 @@ def _detect_v7(t: Mapping) -> ModelSpec:
 
 def _detect_v6(t: Mapping) -> ModelSpec:
     v, c, n_layer, ffn = _common(t)
-    h, n = _need(t, "blocks.0.att.time_faaaa", "v6 bonus")
+    h, n = _need(t, "blocks.0.att.time_faaaa", "v6 bonus", 2)
     for bad, why in (("blocks.0.att.gate_w1", "x060a"), ("blocks.0.att.time_maa_rkvw_w1", "x060b/c")):
         if bad in t:
             raise SpecError(f"'{bad}' belongs to the experimental RWKV-6 trainer variant {why}, which is not supported")
-    lora = {"mix": _need(t, "blocks.0.att.time_maa_w2", "v6 mix LoRA")[1],
-            "decay": _need(t, "blocks.0.att.time_decay_w1", "v6 decay LoRA")[1]}
+    lora = {"mix": _need(t, "blocks.0.att.time_maa_w2", "v6 mix LoRA", 3)[1],
+            "decay": _need(t, "blocks.0.att.time_decay_w1", "v6 decay LoRA", 2)[1]}
     return ModelSpec("6", n_layer, c, h * n, h, n, ffn, v, lora, bonus="time_faaaa")
 
 
 def _detect_v5(t: Mapping) -> ModelSpec:
     v, c, n_layer, ffn = _common(t)
-    td = _need(t, "blocks.0.att.time_decay", "v5 decay")
-    a = _need(t, "blocks.0.att.ln_x.weight", "v5 group norm")[0]
+    td = _need(t, "blocks.0.att.time_decay", "v5 decay", (1, 2))
+    a = _need(t, "blocks.0.att.ln_x.weight", "v5 group norm", 1)[0]
     h = td[0]
-    if a % h:
+    if h == 0 or a % h:
         raise SpecError(f"v5: attention dim {a} is not a multiple of the head count {h} (from time_decay {td})")
     n = a // h
     bonus = "time_faaaa" if "blocks.0.att.time_faaaa" in t else "time_first"
@@ -191,7 +207,7 @@ def _detect_v5(t: Mapping) -> ModelSpec:
 
 def _detect_v4(t: Mapping) -> ModelSpec:
     v, c, n_layer, ffn = _common(t)
-    a = _need(t, "blocks.0.att.time_first", "v4 bonus")[0]
+    a = _need(t, "blocks.0.att.time_first", "v4 bonus", 1)[0]
     _need(t, "blocks.0.att.time_mix_k", "v4 token shift")
     for bad in ("blocks.0.pos_emb_x", "head_q.weight", "blocks.0.ffnPre.key.weight"):
         if bad in t:

@@ -4,6 +4,7 @@ in and out, so that ``validate.perplexity`` and ``rwkvtools eval`` judge it like
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -50,12 +51,17 @@ class OnnxModel:
             raise FormatError(f"{path}: not an RWKV model exported by rwkvtools (no 'rwkvtools' metadata)")
         try:
             self.meta = json.loads(raw)
+            if not isinstance(self.meta, dict):
+                raise ValueError("not a JSON object")
             self.vocab = int(self.meta["vocab"])
             self.mode = self.meta["mode"]
             self.n_layer = int(self.meta["n_layer"])
             self._layout(self.meta["states"])
+            self._check_graph()
         except (ValueError, KeyError, TypeError) as e:
             raise FormatError(f"{path}: unreadable rwkvtools metadata ({e})") from None
+        except RecursionError:
+            raise FormatError(f"{path}: unreadable rwkvtools metadata (JSON nested too deep)") from None
         self.logits_mode = self.meta.get("logits", "all")
         self.providers = self.session.get_providers()
         self.backend = f"onnxruntime-{self.providers[0].replace('ExecutionProvider', '').lower()}"
@@ -67,19 +73,56 @@ class OnnxModel:
         layer]} (interface 2: one tensor per layer) or {group: None} (interface 1: the file
         holds the stacked tensor itself)."""
         self.states, self.parts = [], {}
+        if not isinstance(entries, list):
+            raise ValueError("'states' is not a list")
         for e in entries:
+            if not (isinstance(e, dict) and isinstance(e.get("name"), str)
+                    and isinstance(e.get("shape"), list)
+                    and all(d == "batch" or (type(d) is int and d >= 0) for d in e["shape"])):
+                raise ValueError(f"state entry {str(e)[:100]} has no name or no shape of sizes and 'batch'")
             group = e.get("group")
             if group is None:                               # interface 1: stacked
                 self.states.append((e["name"], list(e["shape"])))
                 self.parts[e["name"]] = None
                 continue
+            layer = e.get("layer")
+            if not isinstance(group, str) or type(layer) is not int or not 0 <= layer < self.n_layer:
+                raise ValueError(f"state '{e['name']}' has group {group!r} and layer {layer!r} "
+                                 f"(of {self.n_layer} layers)")
             if group not in self.parts:
+                if self.n_layer > len(entries):  # each layer of a group is an entry
+                    raise ValueError(f"{self.n_layer} layers, but {len(entries)} state entries")
                 self.states.append((group, [self.n_layer] + list(e["shape"])))
                 self.parts[group] = [None] * self.n_layer
-            self.parts[group][int(e["layer"])] = e["name"]
+            self.parts[group][layer] = e["name"]
         for group, names in self.parts.items():
             if names is not None and None in names:
                 raise ValueError(f"state '{group}' lacks a layer")
+
+    def _check_graph(self) -> None:
+        """The metadata must describe the graph: 'tokens' in, 'logits' out, each state tensor in
+        and out with the rank (and fixed sizes) the graph has; and a state of sane size (under
+        1 GiB per sequence: a 14B model's is ~30 MB), since init_state allocates it."""
+        ins = {i.name: i.shape for i in self.session.get_inputs()}
+        outs = {o.name for o in self.session.get_outputs()}
+        if "tokens" not in ins or "logits" not in outs:
+            raise ValueError("the graph has no 'tokens' input or no 'logits' output")
+        total, fed = 0, {"tokens"}
+        for group, shape in self.states:
+            names = self.parts[group]
+            for name, shp in ([(group, shape)] if names is None else [(n, shape[1:]) for n in names]):
+                fed.add(f"state_in_{name}")
+                got = ins.get(f"state_in_{name}")
+                if got is None or f"state_out_{name}" not in outs:
+                    raise ValueError(f"state '{name}' is not an input and an output of the graph")
+                fixed = [(a, b) for a, b in zip(shp, got) if type(a) is int and type(b) is int]
+                if len(got) != len(shp) or any(a != b for a, b in fixed):
+                    raise ValueError(f"state '{name}' has shape {shp} in the metadata, {got} in the graph")
+            total += math.prod(d for d in shape if d != "batch")
+        if set(ins) - fed:
+            raise ValueError(f"graph inputs {sorted(set(ins) - fed)} are no state the metadata describes")
+        if total * 4 > 1 << 30:
+            raise ValueError(f"a state of {total} values per sequence (over 1 GiB)")
 
     def init_state(self, batch_size: int = 1) -> dict[str, torch.Tensor]:
         """The empty state: zeros of every state tensor, stacked over layers as the reference

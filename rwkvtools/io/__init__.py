@@ -3,6 +3,7 @@ file's first bytes (never from the extension alone)."""
 from __future__ import annotations
 
 import os
+import struct
 
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, RwkvToolsError
@@ -28,6 +29,11 @@ def sniff(path: str) -> str:
         return "rwkvcpp"
     if head[:4] == b"GGUF":
         return "gguf"
+    # safetensors before pickles: for one header size in 256 its length (8 bytes, little-endian)
+    # starts with 0x80, the pickle protocol byte; a pickle passes this test only if its first 8
+    # bytes happen to read as a length the file can hold and byte 8 is '{'
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= os.path.getsize(path) - 8:
+        return "safetensors"
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         return "pth"
     if len(head) >= 9 and head[8:9] == b"{":
@@ -39,7 +45,24 @@ def sniff(path: str) -> str:
                       f"rwkv.cpp .bin, GGUF file or a Hugging Face folder; first bytes {head[:8].hex()})")
 
 
+def _check_path(path: str, fmt: str) -> None:
+    """For an explicit format (no sniffing): the path exists, is a folder for 'hf' and a readable
+    file otherwise."""
+    if not os.path.exists(path):
+        raise RwkvToolsError(f"{path}: no such file or folder")
+    if fmt == "hf" or fmt not in FORMATS:
+        return
+    if os.path.isdir(path):
+        raise FormatError(f"{path}: a folder, not a {fmt} file")
+    try:
+        open(path, "rb").close()
+    except OSError as e:
+        raise RwkvToolsError(f"{path}: cannot read ({e.strerror})") from None
+
+
 def read_checkpoint(path: str, format: str | None = None) -> Checkpoint:
+    if format:
+        _check_path(path, format)
     fmt = format or sniff(path)
     if fmt == "pth":
         from .pth import read_pth

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..checkpoint import Checkpoint, LazyTensors, default_manifest
+from ..checkpoint import Checkpoint, LazyTensors, default_manifest, parse_manifest
 from ..errors import FormatError, RwkvToolsError, SpecError
 from .atomic import atomic_path
 
@@ -977,11 +977,9 @@ def _stored_manifest(g: GGUFFile) -> dict:
     m = default_manifest()
     if isinstance(raw, str) and len(raw) < (1 << 24):
         try:
-            stored = json.loads(raw)
-        except ValueError:
-            stored = None
-        if isinstance(stored, dict) and isinstance(stored.get("history", []), list):
-            m.update(stored)
+            m.update(parse_manifest(raw, g.path))
+        except FormatError:
+            pass  # a damaged manifest costs only the history: the tensors are read without it
     m["form"] = "parallel"
     return m
 

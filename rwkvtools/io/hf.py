@@ -19,6 +19,7 @@ Reading accepts ``model.safetensors``, sharded ``model.safetensors.index.json``,
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -209,6 +210,8 @@ def _read_json(path: str) -> dict:
             obj = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: JSON nested too deep to be a config/index file") from None
     if not isinstance(obj, dict):
         raise FormatError(f"{path}: expected a JSON object")
     return obj
@@ -216,7 +219,10 @@ def _read_json(path: str) -> dict:
 
 def _family(config: dict, path: str) -> str:
     mt = str(config.get("model_type", "")).lower()
-    archs = [str(a) for a in config.get("architectures") or []]
+    archs = config.get("architectures") or []
+    if not isinstance(archs, list):
+        raise FormatError(f"{path}: config.json 'architectures' is {archs!r}, not a list of class names")
+    archs = [str(a) for a in archs]
     if mt in ("rwkv", "rwkv5", "rwkv6"):
         return mt
     if mt in ("rwkv7", "rwkv7_fla") or any(a.lower() == "rwkv7forcausallm" for a in archs):
@@ -304,7 +310,9 @@ def read_hf(path: str) -> Checkpoint:
     for name in order:
         hk, how = inv[name]
         s = tuple(hf[hk].shape(hk))
-        shapes[name] = (s[1], s[0]) if how == "T" else ((1, 1, s[0]) if how == "unsqueeze" else s)
+        if how == "T" and len(s) != 2:
+            raise FormatError(f"{path}: tensor '{hk}' has shape {s}; a LoRA matrix is 2-D")
+        shapes[name] = (s[1], s[0]) if how == "T" else ((1, 1, math.prod(s)) if how == "unsqueeze" else s)
         dtypes[name] = hf[hk].dtype(hk)
     ck = Checkpoint(LazyTensors(order, load, shapes, dtypes), manifest, source=path)
     _check_config(ck, config, family, path)

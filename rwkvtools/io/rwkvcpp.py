@@ -182,6 +182,9 @@ def _inverse_plan(version: str, recs: dict[str, Record], header: dict, path: str
 
     def plain(r: Record, shape=None, fn=None):
         shape = tuple(shape) if shape is not None else r.shape
+        if math.prod(shape) != math.prod(r.shape):
+            raise FormatError(f"{path}: tensor '{r.name}' has shape {r.shape}, which does not fit its "
+                              f"training-form shape {shape}")
 
         def load(src):
             t = src.tensor(r)
@@ -190,26 +193,31 @@ def _inverse_plan(version: str, recs: dict[str, Record], header: dict, path: str
             return t.reshape(shape)
         return load, shape
 
+    def dims(r: Record, n: int) -> tuple:
+        if len(r.shape) != n:
+            raise FormatError(f"{path}: tensor '{r.name}' has shape {r.shape}, expected {n} dimensions")
+        return r.shape
+
     for name, r in recs.items():
         sh = r.shape
         last = name.rsplit(".", 1)[-1]
         is_time = ".time_" in name
         if version == "7" and last == "x_rwkvag":
-            if sh[0] != 6:
+            if sh[0] != 6 or math.prod(sh) != 6 * sh[-1]:
                 raise FormatError(f"{path}: '{name}' has shape {sh}, expected (6, 1, C)")
             prefix = name[: -len("x_rwkvag")]
             c = sh[-1]
             for i, m in enumerate(V7_MIX):
                 plan[prefix + m] = (lambda src, r=r, i=i, c=c: src.tensor(r).reshape(6, c)[i].reshape(1, 1, c).clone(), (1, 1, c))
             continue
-        if version == "7" and last in V7_LORA and ".att." in name:
-            plan[name] = plain(r, (sh[1], sh[0]), lambda t: t.t().contiguous())
-            continue
-        if version == "6" and last in ("time_maa_w1", "time_decay_w1", "time_decay_w2"):
-            plan[name] = plain(r, (sh[1], sh[0]), lambda t: t.t().contiguous())
+        if (version == "7" and last in V7_LORA and ".att." in name) or \
+                (version == "6" and last in ("time_maa_w1", "time_decay_w1", "time_decay_w2")):
+            a, b = dims(r, 2)
+            plan[name] = plain(r, (b, a), lambda t: t.t().contiguous())
             continue
         if version == "6" and last == "time_maa_w2":
-            plan[name] = plain(r, (sh[0], sh[2], sh[1]), lambda t: t.transpose(1, 2).contiguous())
+            a, b, c = dims(r, 3)
+            plan[name] = plain(r, (a, c, b), lambda t: t.transpose(1, 2).contiguous())
             continue
         if is_time:
             n = 1

@@ -8,7 +8,7 @@ import struct
 import torch
 from safetensors import safe_open
 
-from ..checkpoint import Checkpoint, LazyTensors, default_manifest
+from ..checkpoint import Checkpoint, LazyTensors, default_manifest, parse_manifest
 from ..errors import FormatError
 from .atomic import atomic_path
 
@@ -30,6 +30,8 @@ def read_safetensors(path: str) -> Checkpoint:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise FormatError(f"{path}: safetensors header is not valid JSON ({e})") from None
+        except RecursionError:
+            raise FormatError(f"{path}: safetensors header is JSON nested too deep to be a header") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: safetensors header is not a JSON object")
     data_len = size - 8 - n
@@ -40,6 +42,8 @@ def read_safetensors(path: str) -> Checkpoint:
             b, e = v["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise FormatError(f"{path}: tensor '{k}' has no valid data_offsets") from None
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (b, e)):
+            raise FormatError(f"{path}: tensor '{k}' has data_offsets {[b, e]!r}, not two integers")
         if not (0 <= b <= e <= data_len):
             raise FormatError(f"{path}: tensor '{k}' data [{b}, {e}) lies outside the file's data ({data_len} bytes): truncated")
     try:
@@ -49,10 +53,7 @@ def read_safetensors(path: str) -> Checkpoint:
     meta = handle.metadata() or {}
     manifest = default_manifest()
     if META_KEY in meta:
-        try:
-            manifest = json.loads(meta[META_KEY])
-        except json.JSONDecodeError:
-            raise FormatError(f"{path}: the '{META_KEY}' metadata is not valid JSON") from None
+        manifest = parse_manifest(meta[META_KEY], f"{path} (metadata '{META_KEY}')")
     # keep the writer's order (data offsets), not the library's alphabetical one
     names = sorted(handle.keys(), key=lambda k: (header[k]["data_offsets"][0], header[k]["data_offsets"][1], k))
     shapes = {k: tuple(header[k]["shape"]) for k in names}

@@ -5,10 +5,13 @@ One forward serves both forms: ``forward(tokens[B, T], state) -> (logits[B, T, V
 T = 1 is the RNN step, T > 1 the parallel form (chunked WKV)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SpecError
 from ..spec import ModelSpec
 from .linear import BuildContext, make_linear
 
@@ -36,6 +39,9 @@ class LayerNorm(nn.Module):
 def param(ctx: BuildContext, name: str, dtype=None, shape=None) -> nn.Parameter:
     t = ctx.get(name, dtype)
     if shape is not None:
+        if t.numel() != math.prod(shape):
+            raise SpecError(f"tensor '{name}' has shape {tuple(t.shape)}, expected {math.prod(shape)} values "
+                            f"(shape {tuple(shape)})")
         t = t.reshape(shape)
     return nn.Parameter(t, requires_grad=False)
 

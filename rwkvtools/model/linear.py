@@ -72,6 +72,8 @@ class BuildContext:
         self.shared: dict = {}
 
     def get(self, name: str, dtype=None) -> torch.Tensor:
+        if name not in self.tensors:
+            raise SpecError(f"expected tensor '{name}', which is missing")
         t = self.tensors[name]
         return t.to(device=self.device, dtype=dtype or self.dtype)
 

@@ -276,6 +276,25 @@ def to_rnn(ckpt: Checkpoint, rescale_every: int = 0) -> Checkpoint:
     return out
 
 
+def _check_record(name: str, rec) -> None:
+    """An RNN-form manifest record (read from a file) must hold the fields to_rnn writes, with their
+    types, and shapes with the same number of values; a transposed tensor is a matrix."""
+    def dims(v) -> bool:
+        return isinstance(v, list) and all(type(d) is int and d >= 0 for d in v)
+
+    ok = isinstance(rec, dict) and dims(rec.get("shape")) and dims(rec.get("rnn_shape", rec.get("shape")))
+    if ok:
+        rnn_shape = rec.get("rnn_shape", rec["shape"])
+        value, scale = rec.get("value", "exp"), rec.get("rescale", 1.0)
+        ok = (math.prod(rnn_shape) == math.prod(rec["shape"])
+              and isinstance(value, str) and value in VALUE_OPS
+              and isinstance(rec.get("dtype", ""), str) and isinstance(rec.get("kept", ""), str)
+              and rec.get("T", False) in (True, False) and (not rec.get("T") or len(rnn_shape) == 2)
+              and isinstance(scale, (int, float)) and not isinstance(scale, bool))
+    if not ok:
+        raise SpecError(f"the RNN-form manifest's record of '{name}' is damaged: {str(rec)[:200]}")
+
+
 def to_parallel(ckpt: Checkpoint) -> Checkpoint:
     """RNN form -> training form (lazy), undoing exactly what the manifest records."""
     if ckpt.form != "rnn":
@@ -288,6 +307,7 @@ def to_parallel(ckpt: Checkpoint) -> Checkpoint:
     src = ckpt.tensors
     names = [k for k in src if not k.startswith(RESERVED)]
     for name, rec in record.items():
+        _check_record(name, rec)
         if name not in src:
             raise SpecError(f"RNN-form manifest lists '{name}', which the file does not contain")
         if tuple(tensor_shape(src, name)) != tuple(rec.get("rnn_shape", rec["shape"])):
@@ -296,6 +316,9 @@ def to_parallel(ckpt: Checkpoint) -> Checkpoint:
         if "kept" in rec and rec["kept"] not in src:
             raise SpecError(f"RNN-form manifest says the original of '{name}' is kept as '{rec['kept']}', "
                             "which the file does not contain")
+        if "kept" in rec and tuple(tensor_shape(src, rec["kept"])) != tuple(rec["shape"]):
+            raise SpecError(f"'{rec['kept']}' has shape {tuple(tensor_shape(src, rec['kept']))}, the "
+                            f"RNN-form manifest says {tuple(rec['shape'])}")
 
     def load(name: str) -> torch.Tensor:
         rec = record.get(name)
