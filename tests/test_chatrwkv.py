@@ -19,7 +19,8 @@ RUNNER = pathlib.Path(__file__).with_name("chatrwkv_runner.py")
 
 def chatrwkv_logits(pth: str, tokens: list[int], v7: bool, out: str) -> dict:
     cmd = [sys.executable, str(RUNNER), pth, out + ".json", out]
-    json.dump(tokens, open(out + ".json", "w"))
+    with open(out + ".json", "w") as f:
+        json.dump(tokens, f)
     if v7:
         cmd.append("v7")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
