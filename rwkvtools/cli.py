@@ -208,4 +208,7 @@ def _register_more():
 _register_more()
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # `python -m rwkvtools.cli`: the command modules register on the importable rwkvtools.cli,
+    # not on this __main__ copy of it
+    from rwkvtools.cli import main as _main
+    _main()

@@ -138,3 +138,16 @@ def test_transform_validation_device(tmp_path, command):
         res = CliRunner().invoke(main, [command, str(src), str(dst), *extra, "--device", dev])
         assert res.exit_code == 2 and "--device" in res.output and "Traceback" not in res.output, res.output
         assert not dst.exists()
+
+
+@pytest.mark.parametrize("module", ["rwkvtools", "rwkvtools.cli"])
+def test_python_dash_m_has_every_command(module):
+    """`python -m rwkvtools` and `python -m rwkvtools.cli` offer the same commands as the
+    `rwkvtools` entry point (the command modules register on the importable rwkvtools.cli)."""
+    import subprocess
+    import sys
+    expected = set(main.commands)
+    r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    listed = {line.split()[0] for line in r.stdout.split("Commands:")[1].strip().splitlines() if line.strip()}
+    assert listed == expected and {"convert", "export-onnx", "recipe"} <= listed
