@@ -183,10 +183,10 @@ def init(out, version, layers, dim, vocab, head_size, ffn_dim, seed, init_kind, 
 
 
 def _init(out, version, layers, dim, vocab, head_size, ffn_dim, seed, init_kind, dtype, force):
+    from .commands.common import output_guard
     from .io.writers import write_checkpoint
     from .random_init import random_checkpoint
-    if os.path.exists(out) and not force:
-        raise UserError(f"{out} exists; pass --force to overwrite it")
+    output_guard(None, out, force)
     ck = random_checkpoint(version, layers, dim, vocab, head_size, ffn_dim, seed, init_kind, _dtype(dtype))
     fmt = write_checkpoint(ck, out)
     n = ck.num_params()

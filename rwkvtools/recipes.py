@@ -273,8 +273,8 @@ def _invoke(args: list[str]) -> tuple[int, str, str]:
             code = e.exit_code
         except click.exceptions.Exit as e:
             code = e.exit_code
-        except click.Abort:
-            code = 130
+        except click.Abort:  # Ctrl-C in the stage stops the whole recipe
+            raise KeyboardInterrupt from None
     return code, out.getvalue(), err.getvalue()
 
 
@@ -345,13 +345,13 @@ def run(recipe: Recipe, out_dir: str, model: str | None = None, log=print) -> di
         raise RecipeError(f"{recipe.path}: no source model: set 'model' in the recipe or pass --model")
     if not os.path.exists(src):
         raise RecipeError(f"source model {src} does not exist")
-    os.makedirs(out_dir, exist_ok=True)
     ev = recipe.eval
     stages = []
     t0 = time.time()
     base = {"stage": "source", "step": 0, "kind": "source", "options": {}, "path": os.path.abspath(src),
             "bytes": _size(src), "params": _params(src), "resumed": False}
     base.update(_measure(src, ev))
+    os.makedirs(out_dir, exist_ok=True)  # once the source and the text are known to be readable
     base["ppl_increase_pct"] = 0.0
     base["size_reduction"] = 0.0
     base["bits_per_weight"] = 8.0 * base["bytes"] / base["params"] if base["params"] else None
@@ -381,7 +381,8 @@ def run(recipe: Recipe, out_dir: str, model: str | None = None, log=print) -> di
     report = {"recipe": recipe.name, "recipe_file": os.path.abspath(recipe.path), "source": os.path.abspath(src),
               "eval": ev, "stages": stages, "overall": {**overall, "gates": overall_gates}, "passed": passed,
               "final": final["path"], "seconds": time.time() - t0}
-    _stamp_recipe(final["path"], recipe)
+    if final is not base:  # never the source model itself (a recipe of eval steps only)
+        _stamp_recipe(final["path"], recipe)
     write_reports(report, out_dir)
     return report
 

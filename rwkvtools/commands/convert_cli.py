@@ -6,7 +6,7 @@ import json
 import click
 
 from ..cli import handle_errors, main, UserError
-from .common import finish, print_summary, validation_options
+from .common import finish, output_guard, print_summary, validation_options
 
 
 def _writer_options(pairs) -> dict:
@@ -47,8 +47,9 @@ def convert(src, dst, to, fmt, dtype, rescale_every, cpp_type, quant, writer_opt
     """Convert SRC to DST: .pth, .safetensors, Hugging Face folder, rwkv.cpp .bin (and GGUF),
     training (parallel) or RNN form, fp32/fp16/bf16, streamed tensor by tensor.
 
-    After writing, DST is read back and compared with SRC: tensor by tensor, logits drift and
-    perplexity on held-out text (skip with --no-validate).
+    DST is written under a temporary name, read back and compared with SRC: tensor by tensor,
+    logits drift and perplexity on held-out text (skip with --no-validate); it takes its name
+    only when the check passes (a failed --max-ppl-increase gate exits 1 and writes no DST).
 
     \b
     Examples:
@@ -64,26 +65,46 @@ def convert(src, dst, to, fmt, dtype, rescale_every, cpp_type, quant, writer_opt
 
 
 def _convert(src, dst, to, fmt, dtype, rescale_every, cpp_type, writer_opts, progress, opts, quant=None):
+    from ..io.atomic import staged_output
+    from ..io.writers import format_from_path
     from ..transforms.convert import convert as do_convert
+    fmt = fmt or format_from_path(dst)
+    output_guard(src, dst, opts.get("force", False), {"--eval-text": opts.get("eval_text")},
+                 opts.get("report"), fmt)
     options = _writer_options(writer_opts)
     if quant:
-        if not (fmt == "gguf" or (fmt is None and dst.lower().endswith(".gguf"))):
+        if fmt != "gguf":
             raise UserError("--quant applies to GGUF output (.gguf or --format gguf); for rwkv.cpp use --rwkvcpp-type")
         options["quant"] = quant
     if cpp_type:
-        if (fmt or "") not in ("", "rwkvcpp") or not (fmt == "rwkvcpp" or dst.lower().endswith(".bin")):
+        if fmt != "rwkvcpp":
             raise UserError("--rwkvcpp-type applies to rwkv.cpp output (.bin or --format rwkvcpp)")
         options["data_type"] = cpp_type
-    report = do_convert(src, dst, to=to, format=fmt, dtype=dtype, force=opts.get("force", False),
-                        rescale_every=rescale_every, progress=progress, **options)
-    if not opts.get("no_validate"):
-        from ..io import read_checkpoint
-        from ..transforms import prepare_for_model
-        from ..transforms.convert import compare_checkpoints
-        from .common import run_validation
-        before, after = prepare_for_model(read_checkpoint(src)), prepare_for_model(read_checkpoint(dst))
-        report["tensors_compared"] = compare_checkpoints(before, after)
-        report["validation"] = run_validation(before, after, opts)
+    # written under a temporary name, read back and checked, and only then renamed onto DST: a
+    # failed check (or any failure) leaves no DST and an existing DST as it was
+    with staged_output(dst) as staged:
+        report = do_convert(src, staged, to=to, format=fmt, dtype=dtype, rescale_every=rescale_every,
+                            progress=progress, **options)
+        report["dst"] = dst
+        if not opts.get("no_validate"):
+            from ..io import read_checkpoint
+            from ..transforms import prepare_for_model
+            from ..transforms.convert import compare_checkpoints
+            from .common import run_validation
+            before = prepare_for_model(read_checkpoint(src))
+            after = prepare_for_model(read_checkpoint(staged))
+            report["tensors_compared"] = compare_checkpoints(before, after)
+            report["validation"] = run_validation(before, after, opts)
+        v = report.get("validation")
+        report["written"] = not v or v.get("passed", True)
+        lines = _summary_lines(report)
+        if not report["written"]:
+            print_summary(f"NOT written (gate failed): {dst}", report, opts.get("as_json"), lines)
+        finish(report, opts)  # writes --report; a failed gate raises (exit 1) before DST is renamed
+    print_summary(f"wrote {dst}", report, opts.get("as_json"), lines)
+
+
+def _summary_lines(report: dict) -> list[str]:
     tc = report.get("tensors_compared")
     lines = [f"{report['source_format']} ({report['form_before']}) -> {report['format']} ({report['form_after']}), "
              f"RWKV v{report['version']}, {report['params']:,} parameters, dtype {report['dtype']}",
@@ -96,5 +117,4 @@ def _convert(src, dst, to, fmt, dtype, rescale_every, cpp_type, writer_opts, pro
                          f"{tc['max_abs_diff']:.3g} ({tc['max_abs_diff_tensor']})")
         if tc.get("only_in_source"):
             lines.append(f"not in output (unused by every runtime): {', '.join(tc['only_in_source'][:6])}")
-    print_summary(f"wrote {dst}", report, opts.get("as_json"), lines)
-    finish(report, opts)
+    return lines

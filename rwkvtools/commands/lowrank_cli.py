@@ -61,7 +61,8 @@ def _lowrank(src, dst, opts):
     from ..transforms.lowrank import LowRankConfig, calibration_tokens, lowrank
     from ..transforms import prepare_for_model
 
-    output_guard(src, dst, opts["force"])
+    output_guard(src, dst, opts["force"], {"--calib": opts["calib"], "--eval-text": opts["eval_text"]},
+                 opts["report"])
     fmt = format_from_path(dst)
     if fmt in ("rwkvcpp", "gguf", "hf") and not opts["merge"]:
         raise UserError(f"{dst}: the {fmt} format has no low-rank layers; pass --merge to write dense weights, "

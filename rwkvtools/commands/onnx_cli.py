@@ -61,15 +61,33 @@ def export_onnx_cmd(src, out, mode, dtype, opset, chunk_len, logits, linear_op, 
 
 def _export(src, out, mode, dtype, opset, chunk_len, logits, linear_op, no_validate, tol, threshold, report_path,
             as_json, force, progress):
+    import os
+
+    from ..errors import GateError
     from ..export.onnx import export_onnx, validation_failure_message
+    from ..io.atomic import staged_output
     from .common import output_guard, write_report
-    output_guard(src, out, force)
+    output_guard(src, out, force, report=report_path, fmt="onnx")
+    output_guard(src, out + ".data", force, fmt="onnx")  # where external weights go
+    if not str(out).endswith(".onnx"):
+        raise UserError(f"{out}: the output file name must end in .onnx")
     if threshold < 0:
         raise UserError("--external-data-threshold must not be negative")
-    rep = export_onnx(src, out, mode=mode, dtype=dtype, opset=opset, validate=not no_validate,
-                      chunk_len=chunk_len, logits=logits, external_data_threshold=threshold, tol=tol,
-                      progress=progress, raise_on_fail=False, linear_op=linear_op)
-    write_report(rep, report_path)
+    # exported (and checked) under a temporary name, then renamed onto OUT with its OUT.data:
+    # any failure leaves neither behind, and existing ones as they were
+    with staged_output(out, companions=(".data",)) as staged:
+        rep = export_onnx(src, staged, mode=mode, dtype=dtype, opset=opset, validate=not no_validate,
+                          chunk_len=chunk_len, logits=logits, external_data_threshold=threshold, tol=tol,
+                          progress=progress, raise_on_fail=False, linear_op=linear_op)
+        rep["output"] = os.path.abspath(out)
+        write_report(rep, report_path)
+        if not rep["published"]:
+            _show(rep, out, as_json)
+            raise GateError(validation_failure_message(rep))
+    _show(rep, out, as_json)
+
+
+def _show(rep: dict, out: str, as_json: bool) -> None:
     lines = [f"RWKV v{rep['rwkv_version']}, {rep['n_layer']} layers, dim {rep['n_embd']}, vocab {rep['vocab']}; "
              f"{rep['mode']} mode, {rep['dtype']}, opset {rep['opset']}"
              + (", linear op conv" if rep["linear_op"] == "conv" else "")
@@ -91,6 +109,3 @@ def _export(src, out, mode, dtype, opset, chunk_len, logits, linear_op, no_valid
         click.echo((f"wrote {out}" if rep["published"] else f"not written: {out}") + f" ({rep['seconds']:.1f} s)")
         for line in lines:
             click.echo(f"  {line}")
-    if not rep["published"]:
-        from ..errors import GateError
-        raise GateError(validation_failure_message(rep))

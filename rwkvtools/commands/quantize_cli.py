@@ -101,7 +101,8 @@ def _quantize(src, dst, opts):
     from ..transforms.quantize import (BLOCK_SCHEMES, KQUANT_SCHEMES, QuantizeConfig, apply, calibration_tokens,
                                        plan, write_quantized)
 
-    output_guard(src, dst, opts["force"])
+    output_guard(src, dst, opts["force"], {"--calib": opts["calib"], "--eval-text": opts["eval_text"]},
+                 opts["report"])
     scheme = opts["scheme"]
     ext = os.path.splitext(dst)[1].lower()
     if scheme in KQUANT_SCHEMES and ext != ".gguf":

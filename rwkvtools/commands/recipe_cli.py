@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -62,6 +63,7 @@ def run(recipe_file, model, out_dir, as_json, summary):
 def _run(recipe_file, model, out_dir, as_json, summary):
     from ..recipes import load_recipe, markdown_table, run as run_recipe
     r = load_recipe(recipe_file)
+    _guard(r, model or r.model, out_dir, summary)
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
     report = run_recipe(r, out_dir, model=model, log=log)
     table = markdown_table(report)
@@ -77,3 +79,22 @@ def _run(recipe_file, model, out_dir, as_json, summary):
     if not report["passed"]:
         raise GateFailed(f"recipe {r.name}: a gate failed (see {out_dir}/report.md)")
     sys.stdout.flush()
+
+
+def _guard(r, model, out_dir, summary) -> None:
+    """Before anything runs: --out is a folder that is not (in) the model folder, and --summary
+    is none of the inputs (model, recipe, evaluation text)."""
+    from ..cli import UserError
+    from .common import clash
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out {out_dir} is a file; give a folder for the artifacts and reports")
+    inputs = {"model": model, "recipe": r.path, "eval text": r.eval.get("text")}
+    inputs = {k: p for k, p in inputs.items() if p and os.path.exists(p)}
+    if "model" in inputs:
+        why = clash(out_dir, inputs["model"], "model")
+        if why:
+            raise UserError(f"--out {why}; give another folder")
+    for label, p in inputs.items():
+        why = summary and clash(summary, p, label)
+        if why:
+            raise UserError(f"--summary {why}; give another file")

@@ -3,7 +3,6 @@
 and rwkvtools.transforms.heal."""
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -125,7 +124,8 @@ def _recursive(src, dst, opts):
     from ..transforms.lowrank import calibration_tokens
     from ..transforms.recursive import RecursiveConfig, apply, merge, plan
 
-    output_guard(src, dst, opts["force"])
+    output_guard(src, dst, opts["force"], {"--calib": opts["calib"], "--eval-text": opts["eval_text"]},
+                 opts["report"])
     fmt = _writable_format(dst, opts["merge"])
     src_ck = read_checkpoint(src)
     if "shared.map" in src_ck.tensors:
@@ -235,9 +235,8 @@ def _heal(src, dst, opts):
     from ..transforms.heal import HealConfig, heal
     from ..validate import Gate, apply_gates, logits_drift, text_tokens
 
-    output_guard(src, dst, opts["force"])
-    if os.path.exists(dst) and os.path.exists(opts["teacher"]) and os.path.samefile(opts["teacher"], dst):
-        raise UserError(f"{dst} is the teacher file; write to another path")
+    output_guard(src, dst, opts["force"], {"--teacher": opts["teacher"], "--text": opts["text"],
+                                           "--eval-text": opts["eval_text"]}, opts["report"])
     student = read_checkpoint(src)
     if "shared.map" in student.tensors and _format(dst) not in ("safetensors", "pth"):
         raise UserError(f"{dst}: a healed recursive checkpoint is written as .safetensors or .pth; expand it "

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
+
+from ..errors import FormatError
 
 
 def _umask() -> int:
@@ -23,7 +26,7 @@ def atomic_path(path: str):
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -33,16 +36,70 @@ def atomic_path(path: str):
 @contextlib.contextmanager
 def atomic_dir(path: str):
     """Like atomic_path for a folder (HF layouts): build in a temp folder, rename at the end."""
-    import shutil
     parent = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".rwkvtools-", dir=parent)
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def staged_output(path: str, companions: tuple[str, ...] = ()):
+    """For an output that is checked after it is written: yields a path of the same name in a
+    private temp folder beside ``path``; when the block ends without an exception the output
+    (file or folder) is renamed onto ``path``, otherwise it is removed and ``path`` is left as
+    it was. ``companions``: suffixes of files that may be written beside it (".data": ONNX
+    external weights), renamed first and put back as they were if the main rename fails."""
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".rwkvtools-", dir=parent)
+    try:
+        staged = os.path.join(tmp, os.path.basename(os.path.abspath(path)))
+        yield staged
+        moved = []  # (companion, its old file set aside in tmp, or None)
+        try:
+            for i, suffix in enumerate(companions):
+                if os.path.lexists(staged + suffix):
+                    old = os.path.join(tmp, f"old-{i}") if os.path.lexists(path + suffix) else None
+                    if old:
+                        os.replace(path + suffix, old)
+                    moved.append((path + suffix, old))
+                    os.replace(staged + suffix, path + suffix)
+            publish(staged, path)
+        except BaseException:
+            for p, old in reversed(moved):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
+                if old:
+                    os.replace(old, p)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(tmp: str, path: str) -> None:
+    """Rename the finished output ``tmp`` onto ``path``. A folder replaces a folder by moving the
+    old one aside first and putting it back if the rename fails, so a failure never loses it;
+    a file never replaces a folder, nor a folder a file."""
+    if os.path.isdir(path) and not os.path.isdir(tmp):
+        raise FormatError(f"{path} is a folder; a file cannot replace it (remove it or choose another path)")
+    if os.path.lexists(path) and not os.path.isdir(path) and os.path.isdir(tmp):
+        raise FormatError(f"{path} is a file; a folder cannot replace it (remove it or choose another path)")
+    if not os.path.isdir(path):
+        os.replace(tmp, path)
+        return
+    aside = tempfile.mkdtemp(prefix=".rwkvtools-old-", dir=os.path.dirname(os.path.abspath(path)))
+    old = os.path.join(aside, "old")
+    os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old, path)
+        os.rmdir(aside)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

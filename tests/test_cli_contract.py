@@ -1,0 +1,525 @@
+"""The output contract of every command that writes (init, convert, lowrank, recursive, quantize,
+heal, export-onnx, recipe run), for every output format each offers, on tiny random models:
+
+(a) an input is never overwritten: DST equal to SRC (as given, spelled another way, through a
+    symlink), DST inside a Hugging Face SRC folder, a DST folder that holds SRC, a --report on
+    an input or on DST are refused (exit 2) and every input stays byte for byte the same;
+(b) an existing DST is refused without --force and replaced with it;
+(c) a failure at any point (a bad option found late, a failed gate, an exception in the
+    transform, an exception or Ctrl-C at the very rename onto DST) leaves no DST, no temporary
+    entry, and a pre-existing DST as it was (a failed gate still writes --report, as documented);
+(d) user errors print `error:` and exit 2, with no traceback and no "internal error"; gates
+    exit 1;
+(e) with --json, stdout is exactly one JSON document (progress bars go to stderr);
+(f) --help shows examples, and each of them parses.
+
+Each check compares a snapshot of the whole working folder (every file's bytes, every entry,
+hidden ones included) before and after, so a stray temporary file fails it as much as a
+damaged input."""
+import contextlib
+import hashlib
+import json
+import os
+import shlex
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from rwkvtools.cli import main
+from rwkvtools.io import read_checkpoint
+from rwkvtools.io.writers import write_checkpoint
+from rwkvtools.random_init import random_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LR = ["--rank", "0.5", "--method", "svd"]
+REC = ["--blocks", "1", "--lora-rank", "2"]
+HEAL = ["--tokens", "32", "--seq-len", "16", "--batch-size", "1"]
+INT4 = ["--scheme", "int4", "--group-size", "32"]
+EXTERNAL = ["--external-data-threshold", "0"]  # the weights in OUT.data beside OUT
+INIT = ["--version", "7", "--layers", "1", "--dim", "32", "--vocab", "64", "--head-size", "16"]
+VAL = ["--eval-tokens", "64", "--device", "cpu"]
+GATE = {"export-onnx": ["--tol", "1e-30"]}  # others: --max-ppl-increase -100 (perplexity must vanish)
+
+# case id -> (command, source, DST name, options); the sources are made by the `models` fixture
+CASES = {
+    "init-safetensors": ("init", None, "out.safetensors", INIT),
+    "init-pth": ("init", None, "out.pth", INIT),
+    "convert-pth": ("convert", "src.safetensors", "out.pth", []),
+    "convert-safetensors": ("convert", "src.pth", "out.safetensors", []),
+    "convert-hf": ("convert", "src.safetensors", "out", []),
+    "convert-rwkvcpp": ("convert", "src.safetensors", "out.bin", []),
+    "convert-gguf": ("convert", "src.safetensors", "out.gguf", []),
+    "lowrank-safetensors": ("lowrank", "src.safetensors", "out.safetensors", LR),
+    "lowrank-pth": ("lowrank", "src.safetensors", "out.pth", LR),
+    "lowrank-merge-hf": ("lowrank", "src.safetensors", "out", LR + ["--merge"]),
+    "lowrank-merge-rwkvcpp": ("lowrank", "src.safetensors", "out.bin", LR + ["--merge"]),
+    "lowrank-merge-gguf": ("lowrank", "src.safetensors", "out.gguf", LR + ["--merge"]),
+    "recursive-safetensors": ("recursive", "src.safetensors", "out.safetensors", REC),
+    "recursive-pth": ("recursive", "src.pth", "out.pth", REC),
+    "recursive-merge-hf": ("recursive", "src.safetensors", "out", REC + ["--merge"]),
+    "recursive-merge-rwkvcpp": ("recursive", "src.safetensors", "out.bin", REC + ["--merge"]),
+    "recursive-merge-gguf": ("recursive", "src.safetensors", "out.gguf", REC + ["--merge"]),
+    "quantize-int8-safetensors": ("quantize", "src.safetensors", "out.safetensors", ["--scheme", "int8"]),
+    "quantize-int4-pth": ("quantize", "src.safetensors", "out.pth", INT4),
+    "quantize-Q8_0-rwkvcpp": ("quantize", "src.safetensors", "out.bin", ["--scheme", "Q8_0"]),
+    "quantize-Q8_0-gguf": ("quantize", "src.safetensors", "out.gguf", ["--scheme", "Q8_0"]),
+    "heal-safetensors": ("heal", "student.safetensors", "out.safetensors", HEAL),
+    "heal-pth": ("heal", "student.safetensors", "out.pth", HEAL),
+    "export-onnx": ("export-onnx", "src.safetensors", "out.onnx", []),
+    "export-onnx-external": ("export-onnx", "src.safetensors", "out.onnx", EXTERNAL),
+}
+WITH_INPUT = [c for c in CASES if CASES[c][0] != "init"]
+FOLDER_OUT = [c for c in CASES if CASES[c][2] == "out"]
+# a failed gate stops these before anything is written, whatever the format: one format each
+GATED = [c for c in WITH_INPUT if c.startswith(("convert-", "export-onnx"))] + [
+    "lowrank-merge-hf", "recursive-safetensors", "quantize-Q8_0-gguf", "heal-pth"]
+# the transform (or, for init, the model maker) each command runs before writing
+TRANSFORM = {"init": "rwkvtools.random_init.random_checkpoint",
+             "convert": "rwkvtools.transforms.convert.check_layout",
+             "lowrank": "rwkvtools.transforms.lowrank.lowrank",
+             "recursive": "rwkvtools.transforms.recursive.apply",
+             "quantize": "rwkvtools.transforms.quantize.apply",
+             "heal": "rwkvtools.transforms.heal.heal",
+             "export-onnx": "rwkvtools.export.onnx.build_onnx_model"}
+HF_READERS = ["convert", "lowrank", "recursive", "quantize", "export-onnx"]  # commands fed an HF folder here
+DST_EXT = {"convert": ".pth", "lowrank": ".safetensors", "recursive": ".safetensors",
+           "quantize": ".safetensors", "export-onnx": ".onnx"}
+OPTS = {"convert": [], "lowrank": LR, "recursive": REC, "quantize": ["--scheme", "int8"], "export-onnx": []}
+
+
+def invoke(args):
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert not isinstance(res.exception, AssertionError), res.exception  # a failed check inside a hook
+    return res
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """src.safetensors, src.pth and the HF folder hf/ (RWKV v7, 2 layers, dim 32, vocab 256 for
+    the bytes tokenizer), and student.safetensors (its low-rank form, which heal trains)."""
+    d = tmp_path_factory.mktemp("models")
+    ck = random_checkpoint("7", n_layer=2, n_embd=32, vocab=256, head_size=16, seed=1)
+    for name in ("src.safetensors", "src.pth", "hf"):
+        write_checkpoint(ck, str(d / name))
+    res = invoke(["lowrank", d / "src.safetensors", d / "student.safetensors", *LR, "--no-validate"])
+    assert res.exit_code == 0, res.output
+    return d
+
+
+@pytest.fixture
+def ws(models, tmp_path):
+    """A private copy of the models: the working folder every command reads from and writes to."""
+    w = tmp_path / "ws"
+    shutil.copytree(models, w)
+    return w
+
+
+def snapshot(root):
+    """Every entry under root (hidden ones too): a file's sha1, a link's target, a folder's None."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(d, name)
+            rel = os.path.relpath(p, root)
+            if os.path.islink(p):
+                out[rel] = "-> " + os.readlink(p)
+            elif os.path.isdir(p):
+                out[rel] = None
+            else:
+                with open(p, "rb") as f:
+                    out[rel] = hashlib.sha1(f.read()).hexdigest()
+    return out
+
+
+def source(case, ws):
+    return ws / CASES[case][1]
+
+
+def args_for(case, ws, dst, *extra):
+    cmd, src, _, opts = CASES[case]
+    if cmd == "init":
+        return ["init", dst, *opts, *extra]
+    args = [cmd, ws / src, dst, *opts]
+    if cmd == "heal":
+        args += ["--teacher", ws / "src.safetensors"]
+    return args + list(extra)
+
+
+def written(case):
+    """The entries a successful run adds to the working folder: DST, and an ONNX file's weights."""
+    dst = CASES[case][2]
+    return {dst, dst + ".data"} if "--external-data-threshold" in CASES[case][3] else {dst}
+
+
+def no_validate(case):
+    return [] if CASES[case][0] == "init" else ["--no-validate"]
+
+
+def placeholder(dst, folder):
+    """Something at DST that a run must either keep or replace: a model-like folder or a file."""
+    if folder:
+        dst.mkdir()
+        (dst / "config.json").write_text("{}")
+        (dst / "model.safetensors").write_bytes(b"keep me")
+    else:
+        dst.write_bytes(b"keep me")
+
+
+def assert_user_error(res, *words):
+    assert res.exit_code == 2, res.output
+    assert "error:" in res.output and "Traceback" not in res.output, res.output
+    assert "internal error" not in res.output, res.output
+    for w in words:
+        assert w in res.output, res.output
+
+
+def assert_one_json(res) -> dict:
+    """stdout holds exactly one JSON document and nothing else."""
+    return json.loads(res.stdout)
+
+
+# ------------------------------------------------------------------------------ (a) inputs
+@pytest.mark.parametrize("spelling", ["as given", "respelled", "symlink"])
+@pytest.mark.parametrize("case", WITH_INPUT)
+def test_dst_equal_to_src_is_refused(ws, case, spelling):
+    src = source(case, ws)
+    dst = {"as given": str(src), "respelled": os.path.join(str(ws), ".", "hf", "..", src.name),
+           "symlink": ws / ("link" + src.suffix)}[spelling]
+    if spelling == "symlink":
+        os.symlink(src, dst)
+    before = snapshot(ws)
+    res = invoke(args_for(case, ws, dst, "--force", *no_validate(case)))
+    assert_user_error(res, "input")
+    assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize("where", ["the folder", "the folder/", "its weights", "a new file in it"])
+@pytest.mark.parametrize("command", HF_READERS)
+def test_dst_in_a_folder_source_is_refused(ws, command, where):
+    """SRC is a Hugging Face folder: DST may be neither the folder nor anything inside it."""
+    ext = DST_EXT[command]
+    dst = {"the folder": str(ws / "hf"), "the folder/": str(ws / "hf") + "/",
+           "its weights": str(ws / "hf" / "model.safetensors"),
+           "a new file in it": str(ws / "hf" / ("new" + ext))}[where]
+    before = snapshot(ws)
+    res = invoke([command, ws / "hf", dst, *OPTS[command], "--force", "--no-validate"])
+    assert_user_error(res, "input")
+    assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize("where", ["the folder", "a new file in it"])
+def test_dst_in_a_folder_teacher_is_refused(ws, where):
+    dst = ws / "hf" if where == "the folder" else ws / "hf" / "healed.safetensors"
+    before = snapshot(ws)
+    res = invoke(["heal", ws / "student.safetensors", dst, "--teacher", ws / "hf", *HEAL, "--force",
+                  "--no-validate"])
+    assert_user_error(res, "input")
+    assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize("case", FOLDER_OUT)
+def test_dst_folder_holding_src_is_refused(ws, case):
+    """A folder DST replaced with --force must not be one that holds SRC (e.g. SRC saved next to
+    an HF model's files)."""
+    src = ws / "hf" / "blink.safetensors"
+    shutil.copy(source(case, ws), src)
+    cmd, _, _, opts = CASES[case]
+    before = snapshot(ws)
+    res = invoke([cmd, src, ws / "hf", *opts, "--force", "--no-validate"])
+    assert_user_error(res, "input")
+    assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize("on", ["SRC", "DST"])
+@pytest.mark.parametrize("case", WITH_INPUT)
+def test_report_on_an_input_or_dst_is_refused(ws, case, on):
+    dst = ws / CASES[case][2]
+    report = source(case, ws) if on == "SRC" else dst
+    before = snapshot(ws)
+    res = invoke(args_for(case, ws, dst, "--report", report, *no_validate(case)))
+    assert_user_error(res, "--report")
+    assert snapshot(ws) == before
+
+
+def test_dst_equal_to_teacher_or_text_is_refused(ws):
+    text = ws / "calib.safetensors"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    before = snapshot(ws)
+    teacher = ws / "src.safetensors"
+    res = invoke(["heal", ws / "student.safetensors", teacher, "--teacher", teacher, *HEAL, "--force",
+                  "--no-validate"])
+    assert_user_error(res, "input")
+    res = invoke(["lowrank", ws / "src.safetensors", text, "--rank", "0.5", "--calib", text, "--force",
+                  "--no-validate"])
+    assert_user_error(res, "input")
+    assert snapshot(ws) == before
+
+
+# --------------------------------------------------------------------------- (b) --force
+@pytest.mark.parametrize("case", list(CASES))
+def test_existing_dst_needs_force_then_is_replaced(ws, case):
+    dst = ws / CASES[case][2]
+    placeholder(dst, case in FOLDER_OUT)
+    before = snapshot(ws)
+    res = invoke(args_for(case, ws, dst, *no_validate(case)))
+    assert_user_error(res, "exists", "--force")
+    assert snapshot(ws) == before
+    res = invoke(args_for(case, ws, dst, "--force", *no_validate(case)))
+    assert res.exit_code == 0, res.output
+    after = snapshot(ws)
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    assert {k.split(os.sep)[0] for k in changed} == written(case), changed
+    if dst.suffix == ".onnx":
+        assert dst.read_bytes() != b"keep me"
+    else:
+        read_checkpoint(str(dst))  # a readable model, not the placeholder
+
+
+@pytest.mark.parametrize("existing", ["OUT.data", "OUT.data as SRC"])
+def test_onnx_external_weights_file_counts_as_dst(ws, existing):
+    """export-onnx may write OUT.data beside OUT: an existing one needs --force too, and it is
+    never an input."""
+    data = ws / "out.onnx.data"
+    if existing == "OUT.data":
+        data.write_bytes(b"keep me")
+        src, force = ws / "src.safetensors", []
+    else:
+        shutil.copy(ws / "src.safetensors", data)
+        src, force = data, ["--force"]
+    before = snapshot(ws)
+    res = invoke(["export-onnx", src, ws / "out.onnx", *EXTERNAL, "--no-validate", *force])
+    assert_user_error(res, "exists" if existing == "OUT.data" else "input")
+    assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c not in FOLDER_OUT])
+def test_existing_folder_where_a_file_goes_is_a_clear_error(ws, case):
+    dst = ws / CASES[case][2]
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    before = snapshot(ws)
+    res = invoke(args_for(case, ws, dst, "--force", *no_validate(case)))
+    assert_user_error(res, "folder")
+    assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_dst_under_a_file_is_a_clear_error(ws, case):
+    dst = ws / "src.pth" / CASES[case][2]
+    before = snapshot(ws)
+    res = invoke(args_for(case, ws, dst, *no_validate(case)))
+    assert_user_error(res, "not a folder")
+    assert snapshot(ws) == before
+
+
+def test_existing_file_where_a_folder_goes_is_a_clear_error(ws):
+    dst = ws / "out"
+    dst.write_bytes(b"keep me")
+    before = snapshot(ws)
+    res = invoke(["convert", ws / "src.safetensors", dst, "--format", "hf", "--force", "--no-validate"])
+    assert_user_error(res, "file")
+    assert snapshot(ws) == before
+
+
+# -------------------------------------------------------------------------- (c) failures
+@contextlib.contextmanager
+def failing_rename(monkeypatch, dst, exc):
+    """os.replace raises ``exc`` on the first rename onto DST (the output is complete in its
+    temporary place at that moment); every other rename, and later ones onto DST (a restore),
+    go through. Yields the list of (temporary path, existed) it saw."""
+    real = os.replace
+    seen = []
+
+    def replace(a, b, **kw):
+        if not seen and os.path.abspath(b) == os.path.abspath(dst):
+            seen.append((a, os.path.exists(a)))
+            raise exc
+        return real(a, b, **kw)
+    monkeypatch.setattr(os, "replace", replace)
+    yield seen
+    monkeypatch.setattr(os, "replace", real)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, OSError], ids=["ctrl-c", "oserror"])
+@pytest.mark.parametrize("preexisting", [False, True], ids=["new", "forced"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_failure_at_the_rename_leaves_nothing(ws, monkeypatch, case, preexisting, exc):
+    dst = ws / CASES[case][2]
+    if preexisting:
+        placeholder(dst, case in FOLDER_OUT)
+    before = snapshot(ws)
+    with failing_rename(monkeypatch, dst, exc("disk gone")) as seen:
+        res = invoke(args_for(case, ws, dst, "--force", *no_validate(case)))
+    assert seen and seen[0][1], "the output was not written to a temporary path renamed onto DST"
+    assert res.exit_code != 0 and "Traceback" not in res.output, res.output
+    if exc is KeyboardInterrupt:
+        assert res.exit_code == 1 and "Aborted" in res.output, res.output
+    assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError], ids=["ctrl-c", "bug"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_exception_in_the_transform_leaves_nothing(ws, monkeypatch, case, exc):
+    dst = ws / CASES[case][2]
+    placeholder(dst, case in FOLDER_OUT)
+    before = snapshot(ws)
+
+    def boom(*a, **k):
+        raise exc("boom")
+    monkeypatch.setattr(TRANSFORM[CASES[case][0]], boom)
+    res = invoke(args_for(case, ws, dst, "--force", *no_validate(case)))
+    assert res.exit_code == (1 if exc is KeyboardInterrupt else 2), res.output
+    assert "Traceback" not in res.output
+    assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize("case", GATED)
+def test_failed_gate_exit_1_report_written_dst_untouched(ws, case):
+    dst, report = ws / CASES[case][2], ws / "report.json"
+    placeholder(dst, case in FOLDER_OUT)
+    before = snapshot(ws)
+    gate = GATE.get(CASES[case][0], ["--max-ppl-increase", "-100"])
+    val = [] if CASES[case][0] == "export-onnx" else VAL
+    res = invoke(args_for(case, ws, dst, "--force", "--json", "--report", report, *val, *gate))
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output and "error:" not in res.output
+    rep = assert_one_json(res)
+    assert json.loads(report.read_text()) == rep
+    assert rep["validation"]["passed"] is False
+    after = snapshot(ws)
+    assert after.pop("report.json") and after == before
+
+
+@pytest.mark.parametrize("case,late", [(c, late) for late in ("missing --eval-text", "--report under a file")
+                                       for c in WITH_INPUT if late.startswith("--report") or "onnx" not in c])
+def test_bad_option_found_late_leaves_nothing(ws, case, late):
+    """Options that fail only when used (a text read after the transform, a report written
+    after DST) must fail before DST appears."""
+    dst = ws / CASES[case][2]
+    placeholder(dst, case in FOLDER_OUT)
+    before = snapshot(ws)
+    if late == "missing --eval-text":
+        extra = ["--eval-text", ws / "missing.txt", *VAL]
+    else:
+        extra = ["--report", ws / "student.safetensors" / "report.json", *no_validate(case)]
+    res = invoke(args_for(case, ws, dst, "--force", "--json", *extra))
+    assert_user_error(res)
+    assert res.stdout == ""  # the error is on stderr; nothing half-printed on stdout
+    assert snapshot(ws) == before
+
+
+# ---------------------------------------------------------------------------- (e) --json
+@pytest.mark.parametrize("case", WITH_INPUT)
+def test_json_is_the_whole_stdout(ws, case):
+    """A run with validation, progress bars forced on: stdout is one JSON document, DST is
+    written and nothing else appears but DST (and --report)."""
+    dst, report = ws / CASES[case][2], ws / "report.json"
+    before = snapshot(ws)
+    val = [] if CASES[case][0] == "export-onnx" else VAL
+    res = invoke(args_for(case, ws, dst, "--json", "--progress", "--report", report, *val))
+    assert res.exit_code == 0, res.output
+    rep = assert_one_json(res)
+    assert rep == json.loads(report.read_text())
+    after = snapshot(ws)
+    new = {k.split(os.sep)[0] for k in set(after) - set(before)}
+    assert new == written(case) | {"report.json"}
+    assert {k: v for k, v in after.items() if k in before} == before
+
+
+# ---------------------------------------------------------------------------- (f) --help
+def _examples(cmd_path):
+    """The `rwkvtools ...` lines of a command's --help, continuation lines joined."""
+    res = invoke([*cmd_path, "--help"])
+    assert res.exit_code == 0 and "Example" in res.output, res.output
+    text = res.output.split("Example", 1)[1].replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    return [shlex.split(line)[1:] for line in lines if line.startswith("rwkvtools ")]
+
+
+@pytest.mark.parametrize("cmd_path", [[c] for c in TRANSFORM] + [["recipe", "run"]], ids=" ".join)
+def test_help_examples_parse(cmd_path):
+    """Every example of the command itself parses: its options exist and take those values."""
+    own = [ex for ex in _examples(cmd_path) if ex[:len(cmd_path)] == cmd_path]
+    assert own, f"{' '.join(cmd_path)} --help shows no example of itself"
+    cmd = main
+    for name in cmd_path:
+        cmd = cmd.commands[name]
+    for ex in own:
+        cmd.make_context(" ".join(cmd_path), ex[len(cmd_path):])
+
+
+# ----------------------------------------------------------------------------- recipe run
+def _recipe(path, model, steps, **kw):
+    import yaml
+    doc = {"name": "t", "model": str(model), "eval": {"tokens": 64}, "steps": steps, **kw}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_recipe_run_json_outputs_and_gate(ws, tmp_path):
+    """--json: stdout is report.json; a failed gate exits 1 after writing the reports; the source
+    is left as it was."""
+    r = _recipe(tmp_path / "r.yaml", ws / "src.safetensors", [{"quantize": {"scheme": "int8"}}],
+                gates={"min_size_reduction": 0.99})
+    before = snapshot(ws)
+    out = tmp_path / "out"
+    res = invoke(["recipe", "run", r, "--out", out, "--json"])
+    assert res.exit_code == 1, res.output
+    rep = assert_one_json(res)
+    assert rep == json.loads((out / "report.json").read_text()) and rep["passed"] is False
+    assert sorted(os.listdir(out)) == ["01-quantize.json", "01-quantize.report.json",
+                                       "01-quantize.safetensors", "plot.png", "report.json", "report.md"]
+    assert snapshot(ws) == before
+
+
+def test_recipe_run_never_rewrites_the_source(ws, tmp_path):
+    """A recipe whose last stage is the source itself (only eval steps) must not stamp the
+    recipe into the source model."""
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 10)
+    r = _recipe(tmp_path / "r.yaml", ws / "src.safetensors", [{"eval": {"max-tokens": 64}}],
+                eval={"text": str(text), "tokens": 64})
+    before = snapshot(ws)
+    res = invoke(["recipe", "run", r, "--out", tmp_path / "out"])
+    assert res.exit_code == 0, res.output
+    assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize("where", ["the model file", "the model folder", "inside the model folder",
+                                   "--summary on the model"])
+def test_recipe_run_outputs_never_hit_the_model(ws, tmp_path, where):
+    model = ws / ("hf" if "folder" in where else "src.safetensors")
+    r = _recipe(tmp_path / "r.yaml", model, [{"quantize": {"scheme": "int8", "no-validate": True}}])
+    out = {"the model file": model, "the model folder": model, "inside the model folder": model / "runs"}.get(
+        where, tmp_path / "out")
+    extra = ["--summary", model] if where.startswith("--summary") else []
+    before = snapshot(ws)
+    res = invoke(["recipe", "run", r, "--out", out, *extra])
+    assert_user_error(res)
+    assert snapshot(ws) == before
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_run_failing_early_leaves_no_out_folder(ws, tmp_path):
+    r = _recipe(tmp_path / "r.yaml", ws / "src.safetensors", [{"quantize": {"scheme": "int8"}}],
+                eval={"text": str(tmp_path / "missing.txt")})
+    res = invoke(["recipe", "run", r, "--out", tmp_path / "out"])
+    assert_user_error(res, "missing.txt")
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_run_stops_on_ctrl_c(ws, tmp_path, monkeypatch):
+    """Ctrl-C in a stage stops the whole recipe (exit 1, 'Aborted!'): no later stage runs, no
+    report is written and no temporary entry is left."""
+    r = _recipe(tmp_path / "r.yaml", ws / "src.safetensors",
+                [{"quantize": {"scheme": "int8", "no-validate": True}}, {"convert": {"no-validate": True}}])
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("rwkvtools.transforms.quantize.apply", interrupted)
+    out = tmp_path / "out"
+    res = invoke(["recipe", "run", r, "--out", out])
+    assert res.exit_code == 1 and "Aborted" in res.output, res.output
+    assert not out.exists() or os.listdir(out) == []
