@@ -400,8 +400,13 @@ def _run_stage(step: Step, opts: dict, label: str, current: dict, out_dir: str, 
     meta_path = os.path.join(out_dir, label + ".json")
     stage = {"stage": label, "step": step.index, "kind": step.kind, "options": opts, "input": src}
     if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
+        try:
+            with open(meta_path) as f:
+                old = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            old = {}  # unreadable: the stage runs again and rewrites it
+        if not isinstance(old, dict):
+            old = {}
         if old.get("key") == key and (step.kind == "eval" or os.path.exists(old.get("path", ""))):
             old["resumed"] = True
             log(f"{label}: up to date, skipped")
@@ -462,8 +467,7 @@ def _run_stage(step: Step, opts: dict, label: str, current: dict, out_dir: str, 
     stage["key"] = key
     stage["resumed"] = False
     stage["root"] = _root_of(current)
-    with open(meta_path, "w") as f:
-        json.dump(stage, f, indent=2, default=str)
+    _write_json(meta_path, stage)
     verdict = "PASS" if all(g["passed"] for g in stage["gates"]) else "FAIL"
     log(f"{label}: ppl {stage['ppl']:.4f} ({stage['ppl_increase_pct']:+.2f}%), {stage['bytes']:,} bytes [{verdict}]")
     return stage
@@ -502,11 +506,17 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_json(path: str, obj) -> None:
+    """Atomically (a stage record interrupted half-written would break resuming)."""
+    from .io.atomic import atomic_path
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+
+
 def write_reports(report: dict, out_dir: str) -> None:
     from .io.atomic import atomic_path
-    with atomic_path(os.path.join(out_dir, "report.json")) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2, default=str)
+    _write_json(os.path.join(out_dir, "report.json"), report)
     with atomic_path(os.path.join(out_dir, "report.md")) as tmp:
         with open(tmp, "w") as f:
             f.write(markdown_table(report))

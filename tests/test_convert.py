@@ -544,7 +544,7 @@ def test_hf_output_never_replaces_a_working_folder(tmp_path, tiny_models):
     write_safetensors(tiny_models["7"], str(src))
     (tmp_path / "work" / "notes.txt").write_text("precious")
     for dst in (tmp_path / "work", tmp_path):
-        with pytest.raises(FormatError, match="contains the input|does not look like"):
+        with pytest.raises(RwkvToolsError, match="holds the input|does not look like"):
             convert(str(src), str(dst), format="hf", force=True)
     assert (tmp_path / "work" / "notes.txt").read_text() == "precious"
     out = tmp_path / "hf"
@@ -586,3 +586,31 @@ def test_compare_checkpoints_reports_differences(tiny_models):
     rep = compare_checkpoints(a, Checkpoint(t, a.manifest))
     assert rep["max_abs_diff"] == pytest.approx(0.5) and rep["max_abs_diff_tensor"] == "blocks.1.att.key.weight"
     assert rep["identical"] == rep["compared"] - 1
+
+
+def test_python_convert_never_writes_into_or_over_its_input(tmp_path, tiny_models):
+    """convert() (the Python API) refuses what the command refuses: DST inside an HF source
+    folder, DST that is SRC through a symlink, a folder DST that holds SRC; the input is left
+    byte for byte."""
+    hf = tmp_path / "hf"
+    write_checkpoint(tiny_models["7"], str(hf), "hf")
+    before = {p.name: p.read_bytes() for p in hf.iterdir()}
+    for dst in (hf / "model.safetensors", hf / "other.pth"):
+        with pytest.raises(RwkvToolsError, match="inside the input folder"):
+            convert(str(hf), str(dst), force=True)
+    assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+
+    src = tmp_path / "m.safetensors"
+    write_checkpoint(tiny_models["7"], str(src), "safetensors")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(src)
+    data = src.read_bytes()
+    with pytest.raises(RwkvToolsError, match="is the input file"):
+        convert(str(src), str(link), force=True)
+    inner = tmp_path / "d"
+    inner.mkdir()
+    src2 = inner / "m.safetensors"
+    src2.write_bytes(data)
+    with pytest.raises(RwkvToolsError, match="holds the input"):
+        convert(str(src2), str(inner), format="hf", force=True)
+    assert src.read_bytes() == data and src2.read_bytes() == data

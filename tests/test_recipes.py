@@ -126,3 +126,21 @@ def test_shipped_recipe_runs_with_gates(tmp_path, path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["passed"] is True
     assert pathlib.Path(rep["final"]).exists()
+
+
+def test_stage_record_cut_short_is_run_again(tmp_path):
+    """A stage record left half-written (a run killed while writing it) does not break the next
+    run: the stage is computed again and its record rewritten whole."""
+    path = write(tmp_path, base())
+    out = tmp_path / "out"
+    assert runner.invoke(main, ["recipe", "run", path, "--out", str(out)]).exit_code == 0
+    records = [p for p in out.glob("*.json") if p.name != "report.json" and not p.name.endswith(".report.json")]
+    assert records
+    for p in records:
+        p.write_text(p.read_text()[:40])
+    res = runner.invoke(main, ["recipe", "run", path, "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output[-2000:]
+    rep = json.loads(res.stdout)
+    assert [s["resumed"] for s in rep["stages"]] == [False] * len(rep["stages"])
+    for p in records:
+        assert json.loads(p.read_text())["resumed"] is False

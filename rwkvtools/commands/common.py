@@ -4,87 +4,22 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 
 import click
 
 from ..cli import UserError
+from ..errors import RwkvToolsError
+from ..io.paths import output_guard as _guard
 
-
-def _real(path: str) -> str:
-    return os.path.realpath(os.path.abspath(path))
-
-
-def _within(path: str, folder: str) -> bool:
-    """True when ``path`` is ``folder`` or lies inside it (any spelling, symlinks resolved)."""
-    p, f = _real(path), _real(folder)
-    return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
-
-
-def clash(out: str, inp: str, label: str = "", out_is_folder: bool = False) -> str | None:
-    """Why writing ``out`` would touch the existing input ``inp`` (a sentence), or None: ``out``
-    is ``inp`` (any spelling, a symlink, a hard link), lies inside an input folder, or is a
-    folder (replaced as a whole) that holds the input."""
-    lbl = f" ({label})" if label else ""
-    if os.path.isdir(inp):
-        if _real(out) == _real(inp):
-            return f"{out} is the input folder{lbl}"
-        if _within(out, inp):
-            return f"{out} is inside the input folder {inp}{lbl}"
-    elif _real(out) == _real(inp) or (os.path.exists(out) and os.path.samefile(out, inp)):
-        return f"{out} is the input file{lbl}"
-    if out_is_folder and _within(inp, out):
-        return f"{out} is a folder that holds the input {inp}{lbl}"
-    return None
-
-
-def _check_place(path: str, what: str) -> None:
-    """The nearest existing folder above ``path`` must be a folder (not a file)."""
-    d = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(d):
-        d = os.path.dirname(d)
-    if not os.path.isdir(d):
-        raise UserError(f"{what} {path}: {d} is a file, not a folder")
 
 
 def output_guard(src: str | None, dst: str, force: bool, inputs: dict | None = None,
                  report: str | None = None, fmt: str | None = None) -> None:
-    """Before any work: refuse an output that would overwrite or sit in an input, then an
-    existing DST without --force. Inputs are SRC and ``inputs`` ({label: path}, e.g. the
-    teacher or a text); checked: DST (see ``clash``; a folder DST for the hf format, else a
-    file) and ``report`` (neither an input nor DST, nor inside an input folder or DST).
-    ``fmt``: DST's format (default: from its name)."""
-    if fmt is None:
-        from ..io.writers import format_from_path
-        fmt = format_from_path(dst)
-    folder = fmt == "hf"
-    ins = [(label, p) for label, p in [("", src), *(inputs or {}).items()] if p and os.path.exists(p)]
-    for label, p in ins:
-        why = clash(dst, p, label, folder)
-        if why:
-            raise UserError(f"{why}; write to another path")
-    if report:
-        if _within(report, dst):
-            raise UserError(f"--report {report} would overwrite DST {dst}; choose another report path")
-        for label, p in ins:
-            why = clash(report, p, label)
-            if why:
-                raise UserError(f"--report {why}; choose another report path")
-        if os.path.isdir(report):
-            raise UserError(f"--report {report} is a folder; give a file path")
-        _check_place(report, "--report")
-    if os.path.lexists(dst) and not force:
-        raise UserError(f"{dst} exists; pass --force to overwrite it")
-    if os.path.isdir(dst) and not folder:
-        raise UserError(f"{dst} is a folder; a {fmt} file cannot replace it (remove it or choose another "
-                        "path)")
-    if folder and os.path.lexists(dst) and not os.path.isdir(dst):
-        raise UserError(f"{dst} is a file; a Hugging Face folder cannot replace it (remove it or choose "
-                        "another path)")
-    if folder and os.path.isdir(dst):
-        from ..io.hf import check_replaceable
-        check_replaceable(dst)
-    _check_place(dst, "DST")
+    """rwkvtools.io.paths.output_guard, its refusals as the command's error (exit 2)."""
+    try:
+        _guard(src, dst, force, inputs, report, fmt)
+    except RwkvToolsError as e:
+        raise UserError(str(e)) from None
 
 
 def validation_options(fn):

@@ -85,7 +85,7 @@ def _guard(r, model, out_dir, summary) -> None:
     """Before anything runs: --out is a folder that is not (in) the model folder, and --summary
     is none of the inputs (model, recipe, evaluation text)."""
     from ..cli import UserError
-    from .common import clash
+    from ..io.paths import clash
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out {out_dir} is a file; give a folder for the artifacts and reports")
     inputs = {"model": model, "recipe": r.path, "eval text": r.eval.get("text")}

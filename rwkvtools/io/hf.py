@@ -101,16 +101,13 @@ def _to_hf_rwkv7(name: str) -> tuple[str, str] | None:
 _HF_FILE = re.compile(r"^[\w.\-]+\.(json|safetensors|bin|txt|model|md|py)$")
 
 
-def check_replaceable(path: str, src: str | None = None) -> None:
+def check_replaceable(path: str) -> None:
     """An existing folder is replaced only when it looks like a model folder (config.json, only
-    model files, no sub-folders) and does not contain the source: never a user's working folder."""
+    model files, no sub-folders): never a user's working folder. (That it holds no input is
+    rwkvtools.io.paths.output_guard's check.)"""
     if not os.path.isdir(path):
         return
     entries = os.listdir(path)
-    if src is not None:
-        a, b = os.path.realpath(src), os.path.realpath(path)
-        if a == b or a.startswith(b.rstrip(os.sep) + os.sep):
-            raise FormatError(f"{path} contains the input {src}; write to another folder")
     if entries and ("config.json" not in entries or any(
             os.path.isdir(os.path.join(path, e)) or not _HF_FILE.match(e) for e in entries)):
         raise FormatError(f"{path} is a folder that does not look like a Hugging Face model folder; refusing to "

@@ -100,12 +100,6 @@ def check_layout(ckpt: Checkpoint) -> None:
         raise SpecError(f"{len(problems)} problem(s) with the checkpoint's tensors: " + "; ".join(problems[:8]) + more)
 
 
-def _same_path(a: str, b: str) -> bool:
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)
-    return os.path.abspath(a) == os.path.abspath(b)
-
-
 def convert(src_path: str, dst_path: str, to: str | None = None, format: str | None = None,
             dtype: str | None = None, force: bool = False, rescale_every: int | None = None,
             progress: bool | None = None, **writer_options) -> dict:
@@ -126,18 +120,16 @@ def convert(src_path: str, dst_path: str, to: str | None = None, format: str | N
     from . import prepare_for_model
     from .rnn_form import to_rnn
 
+    from ..io.paths import output_guard
+
     if not os.path.exists(src_path):
         raise RwkvToolsError(f"{src_path}: no such file or folder")
-    if _same_path(src_path, dst_path):
-        raise RwkvToolsError(f"{dst_path} is the input; write to another path (convert never overwrites its input)")
-    if os.path.exists(dst_path) and not force:
-        raise RwkvToolsError(f"{dst_path} exists; pass --force to overwrite it")
-    if os.path.isdir(dst_path):
-        from ..io.hf import check_replaceable
-        check_replaceable(dst_path, src_path)
     fmt = format or format_from_path(dst_path)
     if fmt not in WRITABLE:
         raise RwkvToolsError(f"unknown output format '{fmt}'; known: {', '.join(WRITABLE)}")
+    # DST is not SRC (any spelling, a link), not inside an input folder and not a folder holding
+    # SRC; an existing DST only with force, a folder only replaced by a folder
+    output_guard(src_path, dst_path, force, fmt=fmt)
     if to is not None and to not in FORMS:
         raise RwkvToolsError(f"--to must be one of {', '.join(FORMS)}, got '{to}'")
     if dtype is not None and dtype not in DTYPES:
