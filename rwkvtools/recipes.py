@@ -414,8 +414,9 @@ def _run_stage(step: Step, opts: dict, label: str, current: dict, out_dir: str, 
     report_path = os.path.join(out_dir, label + ".report.json")
     if step.kind == "eval":
         args = [cmd.name, src, "--json", "--no-progress"]
-        if "text" not in opts and ev.get("text"):
-            args += ["--text", ev["text"]]
+        if "text" not in opts:  # the recipe's own text, else the packaged held-out text it measures on
+            from .validate import packaged_text
+            args += ["--text", ev.get("text") or packaged_text("heldout")]
         args += _args_for(cmd, opts)
         dst = src
     else:

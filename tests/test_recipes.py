@@ -144,3 +144,13 @@ def test_stage_record_cut_short_is_run_again(tmp_path):
     assert [s["resumed"] for s in rep["stages"]] == [False] * len(rep["stages"])
     for p in records:
         assert json.loads(p.read_text())["resumed"] is False
+
+
+def test_eval_step_without_a_recipe_text_scores_the_packaged_held_out_text(tmp_path):
+    """With no eval.text the recipe measures on the packaged held-out text; an eval step then
+    scores the same text (it used to stop at the eval command's missing --text)."""
+    doc = base(eval={"tokens": 1024}, steps=[{"eval": {"max-tokens": 1024}}])
+    res = runner.invoke(main, ["recipe", "run", write(tmp_path, doc), "--out", str(tmp_path / "out"), "--json"])
+    assert res.exit_code == 0, res.output[-2000:]
+    src, ev = json.loads(res.stdout)["stages"]
+    assert ev["kind"] == "eval" and abs(ev["ppl"] - src["ppl"]) < 1e-9
