@@ -294,6 +294,24 @@ def test_onnx_external_weights_file_counts_as_dst(ws, existing):
     assert snapshot(ws) == before
 
 
+def test_forced_onnx_without_external_weights_removes_the_old_weights_file(ws, monkeypatch):
+    """OUT.onnx.data belongs to the OUT it replaces: a forced export that keeps its weights
+    inside OUT removes the old OUT.onnx.data, and puts it back if the rename onto OUT fails."""
+    out = ws / "out.onnx"
+    assert invoke(["export-onnx", ws / "src.safetensors", out, *EXTERNAL, "--no-validate"]).exit_code == 0
+    assert (ws / "out.onnx.data").exists()
+    before = snapshot(ws)
+    with failing_rename(monkeypatch, out, OSError("disk gone")) as seen:
+        res = invoke(["export-onnx", ws / "src.safetensors", out, "--no-validate", "--force"])
+    assert seen and res.exit_code != 0
+    assert snapshot(ws) == before
+    res = invoke(["export-onnx", ws / "src.safetensors", out, "--no-validate", "--force"])
+    assert res.exit_code == 0, res.output
+    assert not (ws / "out.onnx.data").exists()
+    from rwkvtools.export.onnx_eval import OnnxModel
+    assert OnnxModel(str(out)).vocab == 256
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c not in FOLDER_OUT])
 def test_existing_folder_where_a_file_goes_is_a_clear_error(ws, case):
     dst = ws / CASES[case][2]

@@ -53,8 +53,9 @@ def staged_output(path: str, companions: tuple[str, ...] = ()):
     """For an output that is checked after it is written: yields a path of the same name in a
     private temp folder beside ``path``; when the block ends without an exception the output
     (file or folder) is renamed onto ``path``, otherwise it is removed and ``path`` is left as
-    it was. ``companions``: suffixes of files that may be written beside it (".data": ONNX
-    external weights), renamed first and put back as they were if the main rename fails."""
+    it was. ``companions``: suffixes of files that belong to the output (".data": ONNX external
+    weights), renamed first; an old one the new output does not have is removed with the old
+    output it belonged to; all put back as they were if the main rename fails."""
     parent = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".rwkvtools-", dir=parent)
@@ -64,11 +65,13 @@ def staged_output(path: str, companions: tuple[str, ...] = ()):
         moved = []  # (companion, its old file set aside in tmp, or None)
         try:
             for i, suffix in enumerate(companions):
-                if os.path.lexists(staged + suffix):
-                    old = os.path.join(tmp, f"old-{i}") if os.path.lexists(path + suffix) else None
-                    if old:
-                        os.replace(path + suffix, old)
+                new = os.path.lexists(staged + suffix)
+                old = os.path.join(tmp, f"old-{i}") if os.path.lexists(path + suffix) else None
+                if old:
+                    os.replace(path + suffix, old)
+                if new or old:
                     moved.append((path + suffix, old))
+                if new:
                     os.replace(staged + suffix, path + suffix)
             publish(staged, path)
         except BaseException:
