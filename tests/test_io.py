@@ -1,6 +1,7 @@
 """Readers: .pth (weights_only), safetensors (lazy, manifest), rwkv.cpp .bin (every block type,
 bounds checks), and hostile inputs."""
 import io
+import os
 import pickle
 import struct
 
@@ -52,6 +53,25 @@ def test_malicious_pickle_is_refused(tmp_path):
     raw.write_bytes(pickle.dumps(_Evil()))
     with pytest.raises(UnsafeFileError):
         read_checkpoint(str(raw))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_malicious_pickle_refusal_is_one_clean_message(tmp_path, protocol):
+    """The CLI names what the unpickler refused, with neither torch's warning about the pickle
+    protocol nor its advice to load with weights_only=False or to allow the global."""
+    import subprocess
+    import sys
+    p = tmp_path / "evil.pth"
+    p.write_bytes(pickle.dumps({"emb.weight": _Evil()}, protocol=protocol))
+    r = subprocess.run([sys.executable, "-m", "rwkvtools", "inspect", str(p)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    # protocol 2 names the function with GLOBAL; 4 with STACK_GLOBAL (opcode 149), which torch refuses
+    said = f"names the global {os.system.__module__}.system" if protocol == 2 else "pickle opcode 149"
+    assert "refused to load" in r.stderr and said in r.stderr, r.stderr
+    for noise in ("Warning", "weights_only` set to `False`", "add_safe_globals"):
+        assert noise not in r.stderr, r.stderr
 
 
 def test_non_tensor_entries_are_refused(tmp_path):

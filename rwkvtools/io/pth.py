@@ -8,7 +8,9 @@ import json
 import os
 import pickle
 import pickletools
+import re
 import struct
+import warnings
 import zipfile
 
 import torch
@@ -28,9 +30,9 @@ def read_pth(path: str) -> Checkpoint:
     try:
         obj = _torch_load(path)
     except pickle.UnpicklingError as e:
-        msg = str(e).splitlines()[0] if str(e) else "unpickling refused"
+        msg = _refusal_reason(str(e))
         raise UnsafeFileError(
-            f"{path}: refused to load: the pickle needs code to run ({msg[:200]}). rwkvtools only loads "
+            f"{path}: refused to load: the pickle needs code to run ({msg}). rwkvtools only loads "
             "plain tensor checkpoints (torch.load weights_only=True); re-save the state dict with "
             "torch.save({k: v for k, v in sd.items()}) from a trusted environment") from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, AttributeError, IndexError,
@@ -82,7 +84,31 @@ def write_pth(ckpt: Checkpoint, path: str) -> None:
         torch.save(sd, tmp)
 
 
+def _refusal_reason(text: str) -> str:
+    """What torch's weights-only unpickler refused, in a few words ('it names the global
+    posix.system', 'pickle opcode 149'), without torch's own preamble and advice (re-running
+    torch.load with weights_only=False, allow-listing the global), which are not for this tool's
+    users. torch words these messages differently from case to case and release to release."""
+    m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+?)(?:[.,]?\s|$)", text)
+    if m:
+        return f"it names the global {m.group(1)}"
+    m = re.search(r"Unsupported operand (\d+)", text)
+    if m:
+        return f"pickle opcode {m.group(1)}, which plain tensor files do not use"
+    rest = text.partition("WeightsUnpickler error:")[2]
+    line = next((ln.strip() for ln in rest.splitlines() if ln.strip()), "")
+    return line.split(". ")[0].rstrip(".")[:200] or "unpickling refused"
+
+
 def _torch_load(path: str):
+    # torch warns about pickle protocols other than 2 (a hand-made or hostile file) before it
+    # refuses or loads; the refusal, if any, is the message the user gets
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return _torch_load_quiet(path)
+
+
+def _torch_load_quiet(path: str):
     """torch.load(weights_only=True), a zip file from a memory map. torch.load(path) reads any path
     ending in '.safetensors' as safetensors, so such a name is opened here first. A legacy (pre-zip)
     file is read from memory, after the storage sizes it declares are checked against its size."""
