@@ -468,7 +468,8 @@ def _run_stage(step: Step, opts: dict, label: str, current: dict, out_dir: str, 
     stage["key"] = key
     stage["resumed"] = False
     stage["root"] = _root_of(current)
-    _write_json(meta_path, stage)
+    from .io.atomic import write_json
+    write_json(meta_path, stage)  # atomically: a record cut short would break resuming
     verdict = "PASS" if all(g["passed"] for g in stage["gates"]) else "FAIL"
     log(f"{label}: ppl {stage['ppl']:.4f} ({stage['ppl_increase_pct']:+.2f}%), {stage['bytes']:,} bytes [{verdict}]")
     return stage
@@ -507,17 +508,9 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_json(path: str, obj) -> None:
-    """Atomically (a stage record interrupted half-written would break resuming)."""
-    from .io.atomic import atomic_path
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-
-
 def write_reports(report: dict, out_dir: str) -> None:
-    from .io.atomic import atomic_path
-    _write_json(os.path.join(out_dir, "report.json"), report)
+    from .io.atomic import atomic_path, write_json
+    write_json(os.path.join(out_dir, "report.json"), report)
     with atomic_path(os.path.join(out_dir, "report.md")) as tmp:
         with open(tmp, "w") as f:
             f.write(markdown_table(report))

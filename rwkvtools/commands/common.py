@@ -49,10 +49,8 @@ def validation_options(fn):
 
 def write_report(report: dict, path: str | None) -> None:
     if path:
-        from ..io.atomic import atomic_path
-        with atomic_path(path) as tmp:
-            with open(tmp, "w") as f:
-                json.dump(report, f, indent=2, default=str)
+        from ..io.atomic import write_json
+        write_json(path, report)
 
 
 def print_summary(title: str, report: dict, as_json: bool, lines: list[str] | None = None) -> None:

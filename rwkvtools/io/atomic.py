@@ -106,3 +106,12 @@ def publish(tmp: str, path: str) -> None:
         os.rmdir(aside)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def write_json(path: str, obj) -> None:
+    """``obj`` as indented JSON at ``path``, atomically: a reader (a resumed recipe, a CI job) never
+    sees half a file."""
+    import json
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
