@@ -102,6 +102,42 @@ def floor_session(path: str, threads: int, ort):
     return sess, feed, [torch.from_numpy(numpy_helper.to_array(w).copy()) for w in weights]
 
 
+def skeleton_session(path: str, threads: int, ort):
+    """An onnxruntime session of the step graph at ``path`` without its weight products: every
+    MatMul/Conv whose weight is an initializer becomes a ReduceMean of its input expanded to the
+    product's output shape (no weight read), everything else (norms, token shift, LoRA
+    activations, the state update, dispatch, the state and logits in and out) stays. Its time is
+    what the step spends besides streaming the weights."""
+    import onnx
+    from onnx import helper, numpy_helper
+    m = onnx.load(path)
+    inits = {t.name for t in m.graph.initializer}
+    inferred = onnx.shape_inference.infer_shapes(m)
+    shapes = {v.name: [d.dim_value or 1 for d in v.type.tensor_type.shape.dim]
+              for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    nodes = []
+    for i, n in enumerate(m.graph.node):
+        if n.op_type in ("MatMul", "Conv") and len(n.input) > 1 and n.input[1] in inits:
+            shp = shapes[n.output[0]]
+            axis = 1 if n.op_type == "Conv" else len(shp) - 1
+            nodes += [helper.make_node("ReduceMean", [n.input[0]], [f"skel_mean{i}"], axes=[axis], keepdims=1),
+                      helper.make_node("Constant", [], [f"skel_shape{i}"],
+                                       value=numpy_helper.from_array(np.array(shp, np.int64))),
+                      helper.make_node("Expand", [f"skel_mean{i}", f"skel_shape{i}"], [n.output[0]])]
+        else:
+            nodes.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    used = {x for n in m.graph.node for x in n.input}
+    kept = [t for t in m.graph.initializer if t.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(kept)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
 def sum_each(mats: list) -> None:
     """The simplest reader of the same bytes in the same pieces: torch.sum of each matrix in turn."""
     for w in mats:
@@ -191,14 +227,17 @@ def main():
     bw0 = read_bandwidth_gbs(args.threads)
 
     # --- step latency
-    def stepper(graph):
+    def stepper_for(session):
         st = {"s": None}
 
         def step(i):
-            s = st["s"] or zero_states(sess[graph])
-            out = sess[graph].run(None, {"tokens": tnp[:, i:i + 1], **s})
-            st["s"] = next_states(sess[graph], out)
+            s = st["s"] or zero_states(session)
+            out = session.run(None, {"tokens": tnp[:, i:i + 1], **s})
+            st["s"] = next_states(session, out)
         return step
+
+    def stepper(graph):
+        return stepper_for(sess[graph])
     ort_step, conv_step = stepper("step"), stepper("step_conv")
     ort_ms, ort_min = median_step_ms(ort_step, args.steps)
     conv_ms, conv_min = median_step_ms(conv_step, args.steps)
@@ -213,6 +252,7 @@ def main():
     # alone, and the ratio is taken within each round (median over rounds).
     floor_sess, floor_feed, _ = floor_session(paths["step"], args.threads, ort)
     cfloor_sess, cfloor_feed, cmats = floor_session(paths["step_conv"], args.threads, ort)
+    skel_step = stepper_for(skeleton_session(paths["step_conv"], args.threads, ort))
     rounds = []
     for _ in range(args.rounds):
         bw_r = read_bandwidth_gbs(args.threads, reps=3)["gbs"]
@@ -221,16 +261,19 @@ def main():
         fl_r, _ = median_step_ms(lambda i: floor_sess.run(None, floor_feed), max(8, args.steps // 3), warm=1)
         cf_r, _ = median_step_ms(lambda i: cfloor_sess.run(None, cfloor_feed), max(8, args.steps // 3), warm=1)
         sm_r, _ = median_step_ms(lambda i: sum_each(cmats), max(8, args.steps // 3), warm=1)
+        sk_r, _ = median_step_ms(skel_step, max(8, args.steps // 3), warm=1)
         b_r = step_bytes / (bw_r * 1e9) * 1000
         rounds.append({"gbs": bw_r, "bound_ms": b_r, "step_ms": st_r, "conv_step_ms": cv_r, "matmul_floor_ms": fl_r,
                        "conv_floor_ms": cf_r, "sum_each_ms": sm_r, "step_x_bound": st_r / b_r,
                        "conv_x_bound": cv_r / b_r, "floor_x_bound": fl_r / b_r, "conv_floor_x_bound": cf_r / b_r,
-                       "sum_each_x_bound": sm_r / b_r})
+                       "sum_each_x_bound": sm_r / b_r, "skeleton_ms": sk_r, "skeleton_x_bound": sk_r / b_r})
     r_step = statistics.median(r["step_x_bound"] for r in rounds)
     r_conv = statistics.median(r["conv_x_bound"] for r in rounds)
     r_floor = statistics.median(r["floor_x_bound"] for r in rounds)
     r_cfloor = statistics.median(r["conv_floor_x_bound"] for r in rounds)
     r_sum = statistics.median(r["sum_each_x_bound"] for r in rounds)
+    r_skel = statistics.median(r["skeleton_x_bound"] for r in rounds)
+    r_skel_ms = statistics.median(r["skeleton_ms"] for r in rounds)
 
     # --- prefill
     P = args.prefill
@@ -303,16 +346,20 @@ def main():
               f"product kernels {pr['products_ms']:.1f} ms ({step_bytes / 1e6 / pr['products_ms']:.2f} GB/s), "
               f"all other kernels {pr['other_ms']:.1f} ms")
     print(f"  interleaved rounds ({args.rounds}; bandwidth / step graph / conv step graph / the products of each "
-          "graph alone / torch.sum of each of the conv graph's product weights in turn, in the same minute):")
+          "graph alone / torch.sum of each of the conv graph's product weights in turn / the conv step graph without "
+          "its weight products, in the same minute):")
     for r in rounds:
         print(f"    {r['gbs']:5.1f} GB/s bound {r['bound_ms']:5.1f} ms | step {r['step_ms']:5.1f} ms = "
               f"{r['step_x_bound']:.2f}x | conv {r['conv_step_ms']:5.1f} ms = {r['conv_x_bound']:.2f}x | "
               f"MatMul-only {r['matmul_floor_ms']:5.1f} ms = {r['floor_x_bound']:.2f}x | "
               f"Conv-only {r['conv_floor_ms']:5.1f} ms = {r['conv_floor_x_bound']:.2f}x | "
-              f"sum each {r['sum_each_ms']:5.1f} ms = {r['sum_each_x_bound']:.2f}x")
+              f"sum each {r['sum_each_ms']:5.1f} ms = {r['sum_each_x_bound']:.2f}x | "
+              f"skeleton {r['skeleton_ms']:4.1f} ms = {r['skeleton_x_bound']:.2f}x")
     print(f"  median over rounds: step graph {r_step:.2f}x bound, with --linear-op conv {r_conv:.2f}x; "
           f"their products alone {r_floor:.2f}x (MatMul graph), {r_cfloor:.2f}x (conv graph); torch.sum of the same "
           f"weights matrix by matrix {r_sum:.2f}x")
+    print(f"  the conv step graph without its weight products (skeleton): {r_skel_ms:.1f} ms = {r_skel:.2f}x bound; "
+          f"products alone + skeleton = {r_cfloor + r_skel:.2f}x against the whole conv step graph's {r_conv:.2f}x")
     if cr:
         print(f"  ChatRWKV rwkv 0.8.32   : {cr['step_ms']:7.1f} / {cr['step_ms_min']:6.1f} ms  = "
               f"{cr['step_ms'] / bound_ms:.2f}x bound; onnxruntime is {cr['step_ms'] / ort_ms:.2f}x ChatRWKV's speed "
@@ -331,7 +378,8 @@ def main():
                "profile": prof,
                "chatrwkv": cr, "prefill": pre, "step_logit_diff": diff,
                "rounds": rounds, "step_x_bound_median": r_step, "matmul_floor_x_bound_median": r_floor,
-               "conv_floor_x_bound_median": r_cfloor, "sum_each_x_bound_median": r_sum}
+               "conv_floor_x_bound_median": r_cfloor, "sum_each_x_bound_median": r_sum,
+               "skeleton_x_bound_median": r_skel, "skeleton_ms_median": r_skel_ms}
     print("json:", json.dumps(summary))
     import shutil
     shutil.rmtree(tmp, ignore_errors=True)
