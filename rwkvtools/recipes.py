@@ -346,12 +346,23 @@ def run(recipe: Recipe, out_dir: str, model: str | None = None, log=print) -> di
     if not os.path.exists(src):
         raise RecipeError(f"source model {src} does not exist")
     ev = recipe.eval
-    stages = []
     t0 = time.time()
     base = {"stage": "source", "step": 0, "kind": "source", "options": {}, "path": os.path.abspath(src),
             "bytes": _size(src), "params": _params(src), "resumed": False}
     base.update(_measure(src, ev))
+    created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)  # once the source and the text are known to be readable
+    try:
+        return _run_steps(recipe, src, out_dir, base, ev, t0, log)
+    except BaseException:  # Ctrl-C or an error before any stage finished: no empty folder left behind
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)  # only succeeds while it is empty (finished stages are kept for resuming)
+        raise
+
+
+def _run_steps(recipe: Recipe, src: str, out_dir: str, base: dict, ev: dict, t0: float, log) -> dict:
+    stages = []
     base["ppl_increase_pct"] = 0.0
     base["size_reduction"] = 0.0
     base["bits_per_weight"] = 8.0 * base["bytes"] / base["params"] if base["params"] else None

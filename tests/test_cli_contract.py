@@ -540,4 +540,21 @@ def test_recipe_run_stops_on_ctrl_c(ws, tmp_path, monkeypatch):
     out = tmp_path / "out"
     res = invoke(["recipe", "run", r, "--out", out])
     assert res.exit_code == 1 and "Aborted" in res.output, res.output
-    assert not out.exists() or os.listdir(out) == []
+    assert not out.exists()  # the run made it, nothing finished in it: removed
+    out.mkdir()  # a folder the user made is never removed
+    res = invoke(["recipe", "run", r, "--out", out])
+    assert res.exit_code == 1 and "Aborted" in res.output, res.output
+    assert out.is_dir() and os.listdir(out) == []
+
+
+def test_recipe_run_ctrl_c_in_a_later_stage_keeps_finished_stages(ws, tmp_path, monkeypatch):
+    r = _recipe(tmp_path / "r.yaml", ws / "src.safetensors",
+                [{"convert": {"no-validate": True}}, {"quantize": {"scheme": "int8", "no-validate": True}}])
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("rwkvtools.transforms.quantize.apply", interrupted)
+    out = tmp_path / "out"
+    res = invoke(["recipe", "run", r, "--out", out])
+    assert res.exit_code == 1 and "Aborted" in res.output, res.output
+    assert sorted(os.listdir(out)) == ["01-convert.json", "01-convert.report.json", "01-convert.safetensors"]

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from conftest import DATA, VERSIONS, fixture_path, max_rel, wikitext_bytes
-from rwkvtools.errors import RwkvToolsError
 from rwkvtools.gptq import GGMLGrid, Int4Grid, Int8Grid, gptq, make_grid, output_rel_error, rtn
 from rwkvtools.io import ggml_quants
 from rwkvtools.model import build_model
