@@ -197,6 +197,70 @@ def test_tied_small_tensors_are_stored_once(version, tmp_path):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
+def test_convert_keeps_a_recursive_checkpoint_recursive(version, tmp_path):
+    """convert copies a recursive checkpoint between .safetensors and .pth (and casts it) as stored:
+    every shared tensor once, the same tensors, the same logits; tied small tensors included."""
+    from rwkvtools.io import read_checkpoint
+    from rwkvtools.io.writers import write_checkpoint
+    from rwkvtools.transforms.convert import convert
+    share = "all" if version in ("6", "7") else "att,ffn"
+    out = recursive(_ck(version), RecursiveConfig(blocks=2, lora_rank=3, share=share))
+    src = str(tmp_path / "r.safetensors")
+    write_checkpoint(out, src)
+    toks = _toks(40)
+    want = _logits(out, toks)
+    for dst in ("c.pth", "c.safetensors"):
+        convert(src, str(tmp_path / dst))
+        back = read_checkpoint(str(tmp_path / dst))
+        assert set(back.tensors) == set(out.tensors)  # nothing expanded, nothing dropped
+        assert all(torch.equal(back.tensors[k], out.tensors[k]) for k in out.tensors)
+        if dst.endswith(".safetensors"):  # (.pth files hold tensors only: the map is the tensor shared.map)
+            assert back.manifest["recursive"]["mapping"] == out.manifest["recursive"]["mapping"]
+        assert torch.equal(_logits(back, toks), want)
+    convert(src, str(tmp_path / "h.safetensors"), dtype="fp16")
+    half = read_checkpoint(str(tmp_path / "h.safetensors"))
+    assert set(half.tensors) == set(out.tensors)
+    assert half.tensors["shared.0.ffn.key.weight"].dtype == torch.float16
+    assert max_rel(_logits(half, toks), want) < 2e-2
+
+
+def test_convert_and_quantize_refuse_a_recursive_checkpoint_where_they_cannot_keep_it(tmp_path):
+    """Formats that hold one matrix per layer, the RNN form and quantize name the way out (merge)
+    instead of listing the 'shared.*' tensors as unknown; nothing is written."""
+    from rwkvtools.io.writers import write_checkpoint
+    from rwkvtools.transforms.convert import convert
+    from rwkvtools.transforms.quantize import QuantizeConfig, QuantizeError
+    from rwkvtools.transforms.quantize import plan as qplan
+    out = recursive(_ck("7"), RecursiveConfig(blocks=2, lora_rank=2))
+    src = str(tmp_path / "r.safetensors")
+    write_checkpoint(out, src)
+    for dst, kw in (("o.bin", {}), ("o-hf", {"format": "hf"}), ("o.gguf", {}), ("o.safetensors", {"to": "rnn"})):
+        with pytest.raises(RwkvToolsError) as e:
+            convert(src, str(tmp_path / dst), **kw)
+        assert "recursive checkpoint" in str(e.value) and "--merge" in str(e.value), str(e.value)
+        assert "is not a tensor" not in str(e.value)
+        assert not (tmp_path / dst).exists()
+    for scheme in ("int8", "Q5_1"):
+        with pytest.raises(QuantizeError, match="recursive checkpoint.*--merge"):
+            qplan(out, QuantizeConfig(scheme=scheme))
+
+
+def test_convert_checks_the_shapes_of_shared_block_tensors(tmp_path):
+    from rwkvtools.transforms.convert import convert
+    out = recursive(_ck("7"), RecursiveConfig(blocks=2, lora_rank=2))
+    for bad, msg in (("shared.0.att.key.weight", "has shape"), ("shared.x.att.key.weight", r"named 'shared\.<block>\.<name>'"),
+                     ("shared.1.no_such.weight", "not a shared block tensor")):
+        t = dict(out.tensors)
+        t[bad] = torch.zeros(5, 7)
+        p = str(tmp_path / "bad.safetensors")
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in t.items()}, p)
+        with pytest.raises(RwkvToolsError, match=msg):
+            convert(p, str(tmp_path / "o.safetensors"))
+        assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 def test_every_version_exports_to_onnx(version, tmp_path):
     from rwkvtools.export.onnx import export_onnx
     out = recursive(_ck(version), RecursiveConfig(blocks=2, lora_rank=3))

@@ -61,7 +61,7 @@ def cast(ckpt: Checkpoint, dtype: str | torch.dtype) -> Checkpoint:
 def check_layout(ckpt: Checkpoint) -> None:
     """Refuse unknown keys and mismatched shapes with a message naming the tensor (training
     form; linear prefixes may hold any representation the model knows, e.g. low-rank)."""
-    from ..spec import detect, layout, linear_prefixes, linear_shape
+    from ..spec import SHARED_MAP, detect, layout, linear_prefixes, linear_shape
     t = ckpt.tensors
     spec = detect(t)
     lay = layout(spec)
@@ -69,8 +69,19 @@ def check_layout(ckpt: Checkpoint) -> None:
     lin_set = set(lin)
     problems = []
     for k in t:
-        if k in lay:
-            want, _ = lay[k]
+        if k == SHARED_MAP:
+            continue  # a recursive checkpoint's layer -> block map (checked by spec.shared_map)
+        ref = k
+        if k.startswith("shared."):  # a recursive checkpoint's block tensor: shaped like its layers' tensor
+            parts = k.split(".", 2)
+            rest = parts[2] if len(parts) == 3 and parts[1].isdigit() else None
+            ref = next((f"blocks.{i}.{rest}" for i in range(spec.n_layer) if f"blocks.{i}.{rest}" in lay), None)
+            if rest is None or ref is None:
+                problems.append(f"'{k}' is not a shared block tensor of the RWKV {spec.version} layout "
+                                "(expected 'shared.<block>.<a layer tensor's name>')")
+                continue
+        if ref in lay:
+            want, _ = lay[ref]
             have = tuple(tensor_shape(t, k))
             if not want:
                 continue
@@ -149,8 +160,18 @@ def convert(src_path: str, dst_path: str, to: str | None = None, format: str | N
         raise RwkvToolsError("--rescale-every applies to the RNN form (--to rnn)")
     ck = prepare_for_model(src)
     check_layout(ck)
-    from ..spec import detect
+    from ..spec import SHARED_MAP, detect
     spec = detect(ck.tensors)
+    if SHARED_MAP in ck.tensors:  # recursive: written as stored (each shared tensor once), never expanded
+        if fmt not in ("pth", "safetensors"):
+            raise RwkvToolsError(f"{src_path} is a recursive checkpoint (its layers share blocks, 'shared.*' "
+                                 f"tensors), and the {fmt} format needs every layer's own matrices: expand it "
+                                 "first with `rwkvtools recursive SRC PLAIN --merge`, or write .safetensors/.pth")
+        if target_form != "parallel":
+            raise RwkvToolsError(f"{src_path} is a recursive checkpoint: the RNN form holds every layer's own "
+                                 "tensors; expand it first with `rwkvtools recursive SRC PLAIN --merge` and "
+                                 "convert PLAIN --to rnn")
+        ck = src
     options = dict(writer_options)
     if fmt == "rwkvcpp":
         if dtype == "bf16":

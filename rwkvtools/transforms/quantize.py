@@ -208,6 +208,11 @@ def _model_view(ckpt: Checkpoint) -> Checkpoint:
 
 
 def _refuse_quantized(tensors) -> None:
+    from ..spec import SHARED_MAP
+    if SHARED_MAP in tensors:
+        raise QuantizeError("this is a recursive checkpoint (its layers share blocks, 'shared.*' tensors), whose "
+                            "shared matrices quantize does not store; expand it first with `rwkvtools recursive "
+                            "SRC PLAIN --merge` and quantize PLAIN")
     for k in tensors:
         if k.endswith((".weight_int8", ".weight_int4")):
             raise QuantizeError(f"this checkpoint is already quantized ('{k}'); quantize the original "
