@@ -103,6 +103,11 @@ def _inspect(model, as_json):
         click.echo(format_description(info))
 
 
+def _encoding(ctx, param, value):
+    from .commands.common import encoding_option
+    return encoding_option(ctx, param, value)
+
+
 # --------------------------------------------------------------------------------------- eval
 @main.command(name="eval")
 @click.argument("model", type=click.Path())
@@ -110,7 +115,7 @@ def _inspect(model, as_json):
 @click.option("--tokenizer", type=click.Choice(["auto", "bytes", "world", "neox"]), default="auto", show_default=True,
               help="auto picks by vocab size: 256 bytes, 65536 World, 50277/50304 GPT-NeoX.")
 @click.option("--tokenizer-file", type=click.Path(), default=None, help="20B_tokenizer.json for --tokenizer neox.")
-@click.option("--encoding", default="utf-8", show_default=True,
+@click.option("--encoding", default="utf-8", show_default=True, callback=lambda c, p, v: _encoding(c, p, v),
               help="Byte encoding for the bytes tokenizer (utf-16le for the v6 fixture).")
 @click.option("--max-tokens", type=int, default=None, help="Score only the first N tokens (N-1 predictions).")
 @click.option("--chunk-len", type=int, default=1024, show_default=True, help="Tokens per forward call.")

@@ -24,6 +24,23 @@ def pick(name: str, vocab: int) -> str:
                          "choose one with --tokenizer bytes|world|neox")
 
 
+def check_encoding(encoding: str) -> str:
+    """A text encoding Python knows (utf-8, utf-16le, latin-1, ...), else a clear error."""
+    try:
+        "".encode(encoding)
+    except (LookupError, TypeError, ValueError) as e:
+        raise RwkvToolsError(f"--encoding {encoding!r}: {e}") from None
+    return encoding
+
+
+def _encode_bytes(text: str, encoding: str) -> list[int]:
+    try:
+        return list(text.encode(encoding))
+    except UnicodeEncodeError as e:
+        raise RwkvToolsError(f"the text has characters the {encoding} encoding cannot store "
+                             f"({text[e.start:e.end]!r} at character {e.start}); pick another --encoding") from None
+
+
 class Tokenizer:
     def __init__(self, name: str, vocab: int, tokenizer_file: str | None = None, encoding: str = "utf-8"):
         self.name = pick(name, vocab)
@@ -31,7 +48,8 @@ class Tokenizer:
         if self.name == "bytes":
             if vocab < 256:
                 raise RwkvToolsError(f"the bytes tokenizer needs a vocab of at least 256, the model has {vocab}")
-            self._enc = lambda text: list(text.encode(encoding))
+            check_encoding(encoding)
+            self._enc = lambda text: _encode_bytes(text, encoding)
         elif self.name == "world":
             try:
                 import pyrwkv_tokenizer

@@ -19,6 +19,26 @@ def test_bytes_and_utf16():
     assert Tokenizer("bytes", 256, encoding="utf-16le").encode("hi") == [104, 0, 105, 0]
 
 
+def test_bad_encodings_are_clear_errors(tmp_path):
+    for enc, words in (("klingon", "unknown encoding"), ("rot13", "not a text encoding")):
+        with pytest.raises(RwkvToolsError, match=words):
+            Tokenizer("bytes", 256, encoding=enc)
+    with pytest.raises(RwkvToolsError, match=r"ascii encoding cannot store \('é' at character 1\)"):
+        Tokenizer("bytes", 256, encoding="ascii").encode("hé")
+    # on the command line: refused while parsing (exit 2, no traceback), before any model is read or written
+    from click.testing import CliRunner
+
+    from rwkvtools.cli import main
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    for args in (["eval", str(tmp_path / "absent.pth"), "--text", str(text)],
+                 ["quantize", str(tmp_path / "absent.pth"), str(tmp_path / "o.safetensors"), "--scheme", "int8"]):
+        r = CliRunner().invoke(main, args + ["--encoding", "klingon"])
+        assert r.exit_code == 2 and "unknown encoding: klingon" in r.output, r.output
+        assert "Traceback" not in r.output and "absent.pth" not in r.output  # parsed before the model is opened
+    assert os.listdir(tmp_path) == ["t.txt"]
+
+
 def test_world_matches_chatrwkv_trie_tokenizer():
     """pyrwkv-tokenizer against ChatRWKV's own World tokenizer (test-only dependency)."""
     rwkv = pytest.importorskip("rwkv.rwkv_tokenizer")

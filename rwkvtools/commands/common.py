@@ -30,7 +30,8 @@ def validation_options(fn):
         click.option("--eval-tokens", type=int, default=4096, show_default=True, help="Tokens of it to score."),
         click.option("--tokenizer", type=click.Choice(["auto", "bytes", "world", "neox"]), default="auto",
                      show_default=True),
-        click.option("--encoding", default="utf-8", show_default=True, help="Byte encoding for the bytes tokenizer."),
+        click.option("--encoding", default="utf-8", show_default=True, callback=encoding_option,
+                     help="Byte encoding for the bytes tokenizer."),
         click.option("--max-ppl-increase", type=float, default=None,
                      help="Gate: fail (exit 1) when perplexity rises by more than this many percent."),
         click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
@@ -79,6 +80,15 @@ def run_validation(before, after, opts: dict) -> dict | None:
                        opts.get("eval_tokens"), opts.get("encoding", "utf-8"))
     device = check_device(opts.get("device") or "auto")
     return validate_transform(before, after, toks, opts.get("max_ppl_increase"), device=device)
+
+
+def encoding_option(ctx, param, value):
+    """--encoding: a text encoding Python knows, checked when the command line is parsed."""
+    from ..tokenizer import check_encoding
+    try:
+        return check_encoding(value)
+    except RwkvToolsError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
 
 
 def _device_option(ctx, param, value):
