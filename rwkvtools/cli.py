@@ -3,7 +3,6 @@ inside the commands; user errors become one clear message and exit code 2 (gates
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import traceback
@@ -53,8 +52,28 @@ def handle_errors(fn):
     return wrapper
 
 
+class FiniteFloat(click.ParamType):
+    """A float option that must be a finite number (NaN compares false with everything, so a NaN
+    gate bound would pass every model; inf is no bound or no rate)."""
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        import math
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r}: must be a finite number", param, ctx)
+        return v
+
+
+FINITE_FLOAT = FiniteFloat()
+
+
 def emit_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
+    from .io.atomic import json_text
+    click.echo(json_text(obj))
 
 
 def _dtype(name: str):

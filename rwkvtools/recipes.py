@@ -418,6 +418,8 @@ def _run_stage(step: Step, opts: dict, label: str, current: dict, out_dir: str, 
             old = {}  # unreadable: the stage runs again and rewrites it
         if not isinstance(old, dict):
             old = {}
+        if "ppl" in old and old["ppl"] is None:
+            old["ppl"] = float("nan")  # records are strict JSON: a NaN perplexity was written as null
         if old.get("key") == key and (step.kind == "eval" or os.path.exists(old.get("path", ""))):
             old["resumed"] = True
             log(f"{label}: up to date, skipped")

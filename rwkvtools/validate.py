@@ -79,7 +79,7 @@ def perplexity(model, tokens: list[int] | torch.Tensor, chunk_len: int = DEFAULT
         bar.close()
     dt = time.perf_counter() - t0
     m = nll / (n - 1)
-    return PerplexityResult(ppl=math.exp(m), nll_per_token=m, tokens=n, tokens_per_s=n / dt if dt > 0 else float("inf"),
+    return PerplexityResult(ppl=ppl_of(m), nll_per_token=m, tokens=n, tokens_per_s=n / dt if dt > 0 else float("inf"),
                             backend=backend or "chunked", seconds=dt)
 
 
@@ -118,16 +118,28 @@ def logits_drift(model_a, model_b, tokens, max_tokens: int = 256) -> dict:
     return {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "tokens": int(toks.shape[1])}
 
 
+def ppl_of(nll_per_token: float) -> float:
+    """exp(mean NLL); inf where that overflows a float (a model whose logits blow up), NaN stays NaN."""
+    return math.exp(nll_per_token) if nll_per_token < 709.0 else (float("inf") if nll_per_token > 0 else nll_per_token)
+
+
 @dataclass
 class Gate:
     metric: str        # e.g. "ppl_increase_pct"
     max: float | None = None
     min: float | None = None
 
+    def __post_init__(self):
+        for b in (self.max, self.min):
+            if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or math.isnan(b)):
+                raise RwkvToolsError(f"gate on {self.metric}: the bound must be a number, got {b!r}")
+
     def check(self, report: dict) -> tuple[bool, str]:
         if self.metric not in report:
             return False, f"{self.metric}: not measured"
         v = report[self.metric]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
+            return False, f"{self.metric} = {v} is not a number (the model's outputs are not finite?)"
         if self.max is not None and v > self.max:
             return False, f"{self.metric} = {v:.6g} > {self.max:g}"
         if self.min is not None and v < self.min:

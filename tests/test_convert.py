@@ -483,6 +483,23 @@ def cli(*args):
     return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+def test_a_gate_fails_when_the_converted_model_gives_nan(tmp_path):
+    """A head that overflows fp16 makes the converted model's perplexity NaN: the gate must fail
+    (NaN compares false with every bound), exit 1, no DST; a NaN bound is refused."""
+    ck = random_checkpoint("7", 2, 64, 256, 16, seed=2)
+    ck.tensors["head.weight"][:3] = 1e6  # inf in fp16
+    src, dst = tmp_path / "m.safetensors", tmp_path / "h.safetensors"
+    write_safetensors(ck, str(src))
+    res = cli("convert", src, dst, "--dtype", "fp16", "--max-ppl-increase", 50, "--eval-tokens", 200, "--json")
+    assert res.exit_code == 1, res.output
+    rep = json.loads(res.stdout, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert rep["validation"]["ppl_after"] is None  # NaN, written as null
+    assert rep["validation"]["passed"] is False and "not a number" in rep["validation"]["gates"][0]["detail"]
+    assert not dst.exists()
+    res = cli("convert", src, dst, "--max-ppl-increase", "nan")
+    assert res.exit_code == 2 and "must be a finite number" in res.output and not dst.exists(), res.output
+
+
 def test_cli_convert_json_report(tmp_path):
     src = tmp_path / "m.safetensors"
     write_safetensors(random_checkpoint("5.2", 2, 64, 256, 16, seed=2), str(src))

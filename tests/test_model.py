@@ -132,3 +132,42 @@ def test_perplexity_matches_full_logits_cross_entropy(tiny_models):
     assert abs(got.nll_per_token - want) < 1e-5
     assert abs(blocked - want) < 1e-5
     assert got.ppl == pytest.approx(math.exp(want), rel=1e-5)
+
+
+def test_perplexity_of_a_model_whose_logits_blow_up_is_inf_not_a_crash(tiny_models):
+    """exp(mean NLL) overflows a float above ~709 nats: perplexity() reports inf (was an
+    OverflowError), and a gate on a NaN or infinite measurement fails instead of passing."""
+    import math
+
+    from rwkvtools.checkpoint import Checkpoint
+    from rwkvtools.errors import RwkvToolsError
+    from rwkvtools.validate import Gate, perplexity
+    ck = tiny_models["7"]
+    t = dict(ck.tensors)
+    t["head.weight"] = t["head.weight"] * 1e5
+    model = build_model(Checkpoint(t, dict(ck.manifest)))
+    toks = torch.randint(0, model.spec.vocab, (64,), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        r = perplexity(model, toks, chunk_len=32, progress=False)
+    assert r.nll_per_token > 709 and r.ppl == math.inf
+    gate = Gate("ppl_increase_pct", max=5.0)
+    assert gate.check({"ppl_increase_pct": math.inf})[0] is False
+    ok, why = gate.check({"ppl_increase_pct": math.nan})
+    assert ok is False and "not a number" in why
+    assert gate.check({"ppl_increase_pct": 4.0})[0] is True
+    with pytest.raises(RwkvToolsError, match="bound must be a number"):
+        Gate("ppl_increase_pct", max=math.nan)
+
+
+def test_reports_are_strict_json(tmp_path):
+    """NaN/inf in a report become null (Python's NaN/Infinity tokens are not JSON)."""
+    import json
+    import math
+
+    from rwkvtools.io.atomic import json_text, write_json
+    rep = {"ppl": math.nan, "rate": math.inf, "nested": [{"x": -math.inf, "y": 1.5}], "n": 3, "s": "nan"}
+    want = {"ppl": None, "rate": None, "nested": [{"x": None, "y": 1.5}], "n": 3, "s": "nan"}
+    strict = dict(parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert json.loads(json_text(rep), **strict) == want
+    write_json(str(tmp_path / "r.json"), rep)
+    assert json.loads((tmp_path / "r.json").read_text(), **strict) == want

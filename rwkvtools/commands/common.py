@@ -3,11 +3,10 @@ held-out evaluation, the perplexity gate, the JSON report, safe output paths."""
 from __future__ import annotations
 
 import functools
-import json
 
 import click
 
-from ..cli import UserError
+from ..cli import FINITE_FLOAT, UserError, emit_json
 from ..errors import RwkvToolsError
 from ..io.paths import output_guard as _guard
 
@@ -32,7 +31,7 @@ def validation_options(fn):
                      show_default=True),
         click.option("--encoding", default="utf-8", show_default=True, callback=encoding_option,
                      help="Byte encoding for the bytes tokenizer."),
-        click.option("--max-ppl-increase", type=float, default=None,
+        click.option("--max-ppl-increase", type=FINITE_FLOAT, default=None,
                      help="Gate: fail (exit 1) when perplexity rises by more than this many percent."),
         click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
                      callback=_device_option,
@@ -56,7 +55,7 @@ def write_report(report: dict, path: str | None) -> None:
 
 def print_summary(title: str, report: dict, as_json: bool, lines: list[str] | None = None) -> None:
     if as_json:
-        click.echo(json.dumps(report, indent=2, default=str))
+        emit_json(report)
         return
     click.echo(title)
     for line in lines or []:

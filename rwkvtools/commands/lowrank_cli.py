@@ -7,14 +7,14 @@ import time
 
 import click
 
-from ..cli import UserError, handle_errors, main
+from ..cli import FINITE_FLOAT, UserError, handle_errors, main
 from .common import finish, output_guard, print_summary, run_validation, validation_options
 
 
 @main.command()
 @click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path())
-@click.option("--rank", "rank", type=float, required=True,
+@click.option("--rank", "rank", type=FINITE_FLOAT, required=True,
               help="R < 1: share of each targeted matrix's parameters kept (r = R*m*n/(m+n)); "
                    "R >= 1: absolute rank.")
 @click.option("--method", type=click.Choice(["whiten", "svd"]), default="whiten", show_default=True,
@@ -29,7 +29,7 @@ from .common import finish, output_guard, print_summary, run_validation, validat
               help="Calibration text for --method whiten (default: the packaged calibration text, "
                    "disjoint from the default held-out text).")
 @click.option("--calib-tokens", type=int, default=8192, show_default=True, help="Calibration tokens to use.")
-@click.option("--damp", type=float, default=0.1, show_default=True,
+@click.option("--damp", type=FINITE_FLOAT, default=0.1, show_default=True,
               help="Whitening regulariser, relative to the mean input variance.")
 @click.option("--chunk-len", type=int, default=512, show_default=True, help="Tokens per forward during calibration.")
 @click.option("--merge", is_flag=True, help="Write dense weights (U V) for runtimes without low-rank layers.")

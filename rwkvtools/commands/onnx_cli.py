@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..cli import UserError, emit_json, handle_errors, main
+from ..cli import FINITE_FLOAT, UserError, emit_json, handle_errors, main
 
 
 @main.command(name="export-onnx")
@@ -26,7 +26,7 @@ from ..cli import UserError, emit_json, handle_errors, main
                    "onnxruntime's x86 CPU provider runs with its NCHWc kernels, ~10% faster per token than "
                    "MatMul (docs/BENCHMARKS.md); keep matmul for other providers and platforms.")
 @click.option("--no-validate", is_flag=True, help="Write the file without checking it in onnxruntime.")
-@click.option("--tol", type=float, default=None,
+@click.option("--tol", type=FINITE_FLOAT, default=None,
               help="Validation tolerance: max |logit diff| (fp32, default 1e-4), or relative to "
                    "max(1, max |logit|) (fp16, default 5e-2).")
 @click.option("--external-data-threshold", type=int, default=2_000_000_000, show_default=True,

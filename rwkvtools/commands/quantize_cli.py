@@ -9,7 +9,7 @@ import time
 
 import click
 
-from ..cli import UserError, handle_errors, main
+from ..cli import FINITE_FLOAT, UserError, handle_errors, main
 from .common import finish, output_guard, print_summary, run_validation, validation_options
 
 SCHEME_CHOICES = ["int8", "int4", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
@@ -42,7 +42,7 @@ SCHEME_CHOICES = ["int8", "int4", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K"
 @click.option("--clip/--no-clip", default=False, show_default=True,
               help="Search a shrunk range per group that rounds with the least error (int8/int4, and "
                    "ggml formats with gptq).")
-@click.option("--damp", type=float, default=0.01, show_default=True,
+@click.option("--damp", type=FINITE_FLOAT, default=0.01, show_default=True,
               help="gptq: Hessian dampening, relative to the mean input energy.")
 @click.option("--chunk-len", type=int, default=512, show_default=True, help="Tokens per forward during calibration.")
 @click.option("--tune-steps", type=int, default=0, show_default=True,
@@ -50,7 +50,7 @@ SCHEME_CHOICES = ["int8", "int4", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K"
                    "the KL divergence from the original model on calibration sequences (0: off). Costs N "
                    "forward+backward passes of --tune-batch x --tune-seq tokens; kept only if it lowers the "
                    "KL on held-out calibration sequences. Runs on --device. Not for the K-quants.")
-@click.option("--tune-lr", type=float, default=3e-3, show_default=True, help="Tuning: Adam learning rate (log-scales).")
+@click.option("--tune-lr", type=FINITE_FLOAT, default=3e-3, show_default=True, help="Tuning: Adam learning rate (log-scales).")
 @click.option("--tune-tokens", type=int, default=262144, show_default=True,
               help="Tuning: calibration tokens to draw sequences from (the last eighth held out); a shorter "
                    "text gives what it has.")

@@ -1,13 +1,12 @@
 """`rwkvtools recipe run|check`: compression pipelines from YAML."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import click
 
-from ..cli import GateFailed, handle_errors, main
+from ..cli import GateFailed, emit_json, handle_errors, main
 
 
 @main.group()
@@ -71,7 +70,7 @@ def _run(recipe_file, model, out_dir, as_json, summary):
         with open(summary, "a", encoding="utf-8") as f:
             f.write(table + "\n")
     if as_json:
-        click.echo(json.dumps(report, indent=2, default=str))
+        emit_json(report)
     else:
         click.echo("")
         click.echo(table)

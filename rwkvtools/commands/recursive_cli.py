@@ -8,7 +8,7 @@ import time
 
 import click
 
-from ..cli import UserError, handle_errors, main
+from ..cli import FINITE_FLOAT, UserError, handle_errors, main
 from .common import finish, output_guard, print_summary, run_validation, validation_options
 
 
@@ -193,13 +193,13 @@ def _recursive(src, dst, opts):
               help="Training budget in tokens (steps = tokens / (batch-size * seq-len)).")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per training sequence.")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per step.")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (AdamW, cosine decay).")
+@click.option("--lr", type=FINITE_FLOAT, default=1e-3, show_default=True, help="Peak learning rate (AdamW, cosine decay).")
 @click.option("--train", "train", default="auto", show_default=True,
               help="What trains, comma-separated: auto (LoRA + low-rank factors present), lora, lowrank, "
                    "shared (shared block matrices), all (every tensor).")
-@click.option("--lm-weight", type=float, default=0.0, show_default=True,
+@click.option("--lm-weight", type=FINITE_FLOAT, default=0.0, show_default=True,
               help="Add this times the language-model loss to the KL divergence.")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature.")
+@click.option("--temperature", type=FINITE_FLOAT, default=1.0, show_default=True, help="Distillation temperature.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (the run is deterministic for it).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar with loss and tokens/s on stderr (default: in a terminal).")

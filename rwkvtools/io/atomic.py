@@ -3,6 +3,7 @@ partial output behind and never touches an existing file until the rename."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -108,10 +109,28 @@ def publish(tmp: str, path: str) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def write_json(path: str, obj) -> None:
-    """``obj`` as indented JSON at ``path``, atomically: a reader (a resumed recipe, a CI job) never
-    sees half a file."""
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def json_text(obj) -> str:
+    """A report as strict JSON (RFC 8259), indented: a float that is not finite (the perplexity of
+    a model whose outputs overflow, a rate over zero seconds) is written as null, which every JSON
+    parser reads (Python's NaN/Infinity tokens are not JSON)."""
     import json
+    return json.dumps(_finite(obj), indent=2, default=str, allow_nan=False)
+
+
+def write_json(path: str, obj) -> None:
+    """``obj`` as indented strict JSON (see json_text) at ``path``, atomically: a reader (a resumed
+    recipe, a CI job) never sees half a file."""
+    text = json_text(obj)
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
+            f.write(text)

@@ -211,7 +211,8 @@ def evaluate_pair(student, teacher, tokens, chunk: int = 256, temperature: float
         nll_t += float(F.cross_entropy(lt, y, reduction="sum"))
         kl += float(distill_kl(ls, lt, temperature, "sum"))
     m = n - 1
-    return {"ppl_student": math.exp(nll_s / m), "ppl_teacher": math.exp(nll_t / m), "kl": kl / m,
+    from ..validate import ppl_of
+    return {"ppl_student": ppl_of(nll_s / m), "ppl_teacher": ppl_of(nll_t / m), "kl": kl / m,
             "eval_tokens": n}
 
 
