@@ -603,6 +603,15 @@ def test_compare_checkpoints_reports_differences(tiny_models):
     rep = compare_checkpoints(a, Checkpoint(t, a.manifest))
     assert rep["max_abs_diff"] == pytest.approx(0.5) and rep["max_abs_diff_tensor"] == "blocks.1.att.key.weight"
     assert rep["identical"] == rep["compared"] - 1
+    # a NaN the output has and the source has not is as far apart as can be (NaN compares false
+    # with every bound); a NaN both have at the same place is kept, not a difference
+    t2 = dict(a.tensors)
+    t2["blocks.0.ffn.key.weight"] = t2["blocks.0.ffn.key.weight"].clone()
+    t2["blocks.0.ffn.key.weight"][0, 0] = float("nan")
+    rep = compare_checkpoints(a, Checkpoint(t2, a.manifest))
+    assert rep["max_abs_diff"] == math.inf and rep["max_abs_diff_tensor"] == "blocks.0.ffn.key.weight"
+    rep = compare_checkpoints(Checkpoint(t2, a.manifest), Checkpoint(dict(t2), a.manifest))
+    assert rep["max_abs_diff"] == 0.0 and rep["identical"] == rep["compared"]  # though torch.equal is False on NaN
 
 
 def test_python_convert_never_writes_into_or_over_its_input(tmp_path, tiny_models):

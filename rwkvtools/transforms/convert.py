@@ -229,7 +229,13 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint) -> dict:
         if x.dtype == y.dtype and torch.equal(x, y):
             identical += 1
             continue
-        d = float((x.float() - y.float()).abs().max()) if x.numel() else 0.0
+        d = 0.0
+        if x.numel():
+            diff = (x.float() - y.float()).abs()
+            diff[x.float().isnan() & y.float().isnan()] = 0.0  # NaN where the source has NaN: kept as is
+            d = float(diff.max())
+            if math.isnan(d):
+                d = math.inf  # a NaN only one side has: as far apart as can be (NaN compares false)
         if d == 0.0:
             identical += 1
         if d > worst or worst_name is None:
