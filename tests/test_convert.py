@@ -500,6 +500,25 @@ def test_a_gate_fails_when_the_converted_model_gives_nan(tmp_path):
     assert res.exit_code == 2 and "must be a finite number" in res.output and not dst.exists(), res.output
 
 
+def test_output_format_comes_from_the_name_and_an_unknown_extension_is_refused(tmp_path):
+    """An extension no format has used to mean safetensors (`x.onnx`, an HF folder named
+    `RWKV-7-1.5B` got a safetensors file): now a clear error before anything is written; --format
+    still names the format explicitly."""
+    from rwkvtools.io.writers import format_from_path
+    assert [format_from_path(str(tmp_path / n)) for n in ("a.pth", "a.PT", "a.safetensors", "a.bin", "a.gguf", "hf")] \
+        == ["pth", "pth", "safetensors", "rwkvcpp", "gguf", "hf"]
+    (tmp_path / "old.v2").mkdir()
+    assert format_from_path(str(tmp_path / "old.v2")) == "hf"  # an existing folder is a folder
+    src = tmp_path / "m.safetensors"
+    write_safetensors(random_checkpoint("7", 2, 64, 256, 16, seed=2), str(src))
+    for name, hint in (("m.onnx", "export-onnx"), ("RWKV-7-1.5B", "'.5B'"), ("m.xyz", "'.xyz'")):
+        res = runner.invoke(main, ["convert", str(src), str(tmp_path / name), "--no-validate"])
+        assert res.exit_code == 2 and "cannot tell the output format" in res.output and hint in res.output, res.output
+        assert not (tmp_path / name).exists()
+    res = cli("convert", src, tmp_path / "RWKV-7-1.5B", "--format", "hf", "--no-validate")
+    assert res.exit_code == 0 and (tmp_path / "RWKV-7-1.5B" / "config.json").is_file(), res.output
+
+
 def test_cli_convert_json_report(tmp_path):
     src = tmp_path / "m.safetensors"
     write_safetensors(random_checkpoint("5.2", 2, 64, 256, 16, seed=2), str(src))

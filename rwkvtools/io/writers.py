@@ -4,17 +4,30 @@ from __future__ import annotations
 import os
 
 from ..checkpoint import Checkpoint
-from ..errors import RwkvToolsError
+from ..errors import FormatError, RwkvToolsError
 
 WRITABLE = ("pth", "safetensors", "rwkvcpp", "hf", "gguf")
 
 
+EXTENSIONS = {".pth": "pth", ".pt": "pth", ".safetensors": "safetensors", ".bin": "rwkvcpp", ".gguf": "gguf"}
+
+
 def format_from_path(path: str) -> str:
-    ext = os.path.splitext(path)[1].lower()
-    if ext == "" and os.path.isfile(path):
-        return "safetensors"
-    return {".pth": "pth", ".pt": "pth", ".safetensors": "safetensors", ".bin": "rwkvcpp",
-            ".gguf": "gguf"}.get(ext, "hf" if ext == "" else "safetensors")
+    """The output format DST's name asks for: its extension, a folder (existing, or a name without
+    extension) = Hugging Face; an extension no format has is an error (it used to mean
+    safetensors, so `x.onnx` or `RWKV-7-1.5B` got a safetensors file)."""
+    given = os.path.splitext(os.path.basename(os.path.normpath(path)))[1]
+    ext = given.lower()
+    if ext in EXTENSIONS:
+        return EXTENSIONS[ext]
+    if os.path.isdir(path):
+        return "hf"
+    if ext == "":
+        return "safetensors" if os.path.isfile(path) else "hf"
+    onnx = " (ONNX files are written by `rwkvtools export-onnx`)" if ext == ".onnx" else ""
+    raise FormatError(f"{path}: cannot tell the output format from the extension '{given}'{onnx}: name it "
+                      ".pth/.pt, .safetensors, .bin (rwkv.cpp), .gguf or a folder without extension "
+                      "(Hugging Face), or give the format (convert --format)")
 
 
 def write_checkpoint(ckpt: Checkpoint, path: str, format: str | None = None, **options) -> str:
