@@ -103,23 +103,31 @@ def main(verbose):
 @click.argument("model", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(model, as_json):
-    """Show a checkpoint's version, hyper-parameters, parameter counts and history.
+    """Show a checkpoint's version, hyper-parameters, parameter counts and history; for an ONNX
+    file exported by rwkvtools, its interface (mode, dtype, opset, inputs, outputs) and history.
 
     \b
-    Example:
+    Examples:
       rwkvtools inspect ../shared/fixtures/tiny-rwkv-7v0-834K.pth --json
+      rwkvtools export-onnx ../shared/fixtures/tiny-rwkv-7v0-834K.pth /tmp/tiny7-step.onnx --force
+      rwkvtools inspect /tmp/tiny7-step.onnx
     """
     handle_errors(_inspect)(model, as_json)
 
 
 def _inspect(model, as_json):
-    from .inspect import describe, format_description
+    from .inspect import describe, describe_onnx, format_description, format_onnx_description
     from .io import read_checkpoint
-    info = describe(read_checkpoint(model))
+    if model.lower().endswith(".onnx") and os.path.isfile(model):  # an exported model: its metadata
+        info = describe_onnx(model)
+        text = format_onnx_description
+    else:
+        info = describe(read_checkpoint(model))
+        text = format_description
     if as_json:
         emit_json(info)
     else:
-        click.echo(format_description(info))
+        click.echo(text(info))
 
 
 def _encoding(ctx, param, value):

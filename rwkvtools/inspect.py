@@ -71,3 +71,50 @@ def format_description(info: dict) -> str:
     else:
         lines.append("history     (none: not written by rwkvtools)")
     return "\n".join(lines)
+
+
+def describe_onnx(path: str) -> dict:
+    """What an ONNX file exported by rwkvtools is: its stored metadata (version, mode, dtype,
+    opset, interface, the checkpoint's history), its inputs and outputs as onnxruntime sees them,
+    and its size (external data included). Read through the same checks as ``eval``."""
+    import os
+
+    from .export.onnx_eval import OnnxModel
+    m = OnnxModel(path)
+    meta = m.meta
+    ext = path + ".data"
+    size = os.path.getsize(path)
+    data = os.path.getsize(ext) if os.path.isfile(ext) else 0
+    io = lambda items: [{"name": x.name, "type": x.type, "shape": list(x.shape)} for x in items]  # noqa: E731
+    keep = ("format", "interface_version", "rwkvtools", "rwkv_version", "mode", "dtype", "opset", "chunk_len",
+            "logits", "linear_op", "n_layer", "n_embd", "n_head", "head_size", "vocab", "empty_state", "source",
+            "history")
+    return {"file": path, "kind": "onnx", **{k: meta.get(k) for k in keep if k in meta},
+            "bytes": size, "external_data_bytes": data,
+            "inputs": io(m.session.get_inputs()), "outputs": io(m.session.get_outputs())}
+
+
+def format_onnx_description(info: dict) -> str:
+    ins, outs = info["inputs"], info["outputs"]
+    states = [x for x in ins if x["name"].startswith("state_in_")]
+    groups = sorted({x["name"][len("state_in_"):].split(".")[0] for x in states})
+    shape = lambda x: "[" + ", ".join(str(d) for d in x["shape"]) + "]"  # noqa: E731
+    tok = next((x for x in ins if x["name"] == "tokens"), None)
+    logits = next((x for x in outs if x["name"] == "logits"), None)
+    lines = [f"file        {info['file']}",
+             f"format      ONNX exported by rwkvtools {info.get('rwkvtools')} (interface {info.get('interface_version')})",
+             f"version     RWKV v{info.get('rwkv_version')}; {info.get('mode')} mode, {info.get('dtype')}, opset "
+             f"{info.get('opset')}, logits {info.get('logits')}"
+             + (f", chunk {info['chunk_len']}" if info.get("chunk_len") else ""),
+             f"layers      {info.get('n_layer')}   n_embd {info.get('n_embd')}   heads {info.get('n_head')} x "
+             f"{info.get('head_size')}   vocab {info.get('vocab')}",
+             f"inputs      tokens {shape(tok) if tok else '?'}; {len(states)} state tensors "
+             f"state_in_<name>.<layer> ({', '.join(groups)}), all zeros = the empty state",
+             f"outputs     logits {shape(logits) if logits else '?'}; the matching state_out_<name>.<layer>",
+             f"size        {info['bytes'] / 1e6:.2f} MB" + (f" + {info['external_data_bytes'] / 1e6:.2f} MB external "
+                                                          "data" if info["external_data_bytes"] else "")]
+    if info.get("source"):
+        lines.append(f"exported    from {info['source']}")
+    hist = info.get("history") or []
+    lines.append("history     " + (" -> ".join(str(h) for h in hist) if hist else "(none)"))
+    return "\n".join(lines)

@@ -367,6 +367,18 @@ def test_external_data_with_lowered_threshold(tmp_path, tiny_models):
     assert ext and all({e.key: e.value for e in t.external_data}["location"] == "ext.onnx.data" for t in ext)
     assert rep["validation"]["passed"]
     assert sorted(os.listdir(tmp_path)) == ["ext.onnx", "ext.onnx.data", "m.pth"]
+    # inspect reads the exported file's interface from the file itself, external data counted
+    info = json.loads(run("inspect", out, "--json").output)
+    assert info["kind"] == "onnx" and info["rwkv_version"] == "6" and info["mode"] == "sequence"
+    from rwkvtools.spec import detect
+    spec = detect(tiny_models["6"].tensors)
+    assert (info["n_layer"], info["n_embd"], info["vocab"]) == (spec.n_layer, spec.n_embd, spec.vocab)
+    assert info["bytes"] == os.path.getsize(out) and info["external_data_bytes"] == os.path.getsize(data)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i["name"] for i in info["inputs"]] == [i.name for i in sess.get_inputs()]
+    assert [o["name"] for o in info["outputs"]] == [o.name for o in sess.get_outputs()]
+    text = run("inspect", out).output
+    assert "RWKV v6; sequence mode, fp32" in text and "external data" in text and "state_in_<name>.<layer>" in text
 
 
 def _pth(tmp_path, ck):
@@ -446,6 +458,8 @@ def test_onnx_model_rejects_foreign_files(tmp_path):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(bad))
     with pytest.raises(RwkvToolsError, match="not an RWKV model exported by rwkvtools"):
         OnnxModel(str(bad))
+    res = runner.invoke(main, ["inspect", str(bad)])
+    assert res.exit_code == 2 and "not an RWKV model exported by rwkvtools" in res.output, res.output
 
 
 def test_onnx_model_reads_stacked_state_files_of_interface_1(tmp_path, tiny_models):
