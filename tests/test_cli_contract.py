@@ -528,11 +528,13 @@ def test_recipe_run_failing_early_leaves_no_out_folder(ws, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_recipe_run_stops_on_ctrl_c(ws, tmp_path, monkeypatch):
+@pytest.mark.parametrize("first", ["quantize", "convert"])
+def test_recipe_run_stops_on_ctrl_c(ws, tmp_path, monkeypatch, first):
     """Ctrl-C in a stage stops the whole recipe (exit 1, 'Aborted!'): no later stage runs, no
-    report is written and no temporary entry is left."""
-    r = _recipe(tmp_path / "r.yaml", ws / "src.safetensors",
-                [{"quantize": {"scheme": "int8", "no-validate": True}}, {"convert": {"no-validate": True}}])
+    report is written and no temporary entry is left; finished stages are kept (resume), an
+    --out folder the run made and nothing finished in is removed, one the user made is kept."""
+    steps = [{"quantize": {"scheme": "int8", "no-validate": True}}, {"convert": {"no-validate": True}}]
+    r = _recipe(tmp_path / "r.yaml", ws / "src.safetensors", steps if first == "quantize" else steps[::-1])
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -540,21 +542,11 @@ def test_recipe_run_stops_on_ctrl_c(ws, tmp_path, monkeypatch):
     out = tmp_path / "out"
     res = invoke(["recipe", "run", r, "--out", out])
     assert res.exit_code == 1 and "Aborted" in res.output, res.output
+    if first == "convert":
+        assert sorted(os.listdir(out)) == ["01-convert.json", "01-convert.report.json", "01-convert.safetensors"]
+        return
     assert not out.exists()  # the run made it, nothing finished in it: removed
     out.mkdir()  # a folder the user made is never removed
     res = invoke(["recipe", "run", r, "--out", out])
     assert res.exit_code == 1 and "Aborted" in res.output, res.output
     assert out.is_dir() and os.listdir(out) == []
-
-
-def test_recipe_run_ctrl_c_in_a_later_stage_keeps_finished_stages(ws, tmp_path, monkeypatch):
-    r = _recipe(tmp_path / "r.yaml", ws / "src.safetensors",
-                [{"convert": {"no-validate": True}}, {"quantize": {"scheme": "int8", "no-validate": True}}])
-
-    def interrupted(*a, **k):
-        raise KeyboardInterrupt
-    monkeypatch.setattr("rwkvtools.transforms.quantize.apply", interrupted)
-    out = tmp_path / "out"
-    res = invoke(["recipe", "run", r, "--out", out])
-    assert res.exit_code == 1 and "Aborted" in res.output, res.output
-    assert sorted(os.listdir(out)) == ["01-convert.json", "01-convert.report.json", "01-convert.safetensors"]
