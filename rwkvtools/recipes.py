@@ -157,8 +157,8 @@ def _check_gates(where: str, gates, provided: set[str]) -> dict:
     for g, v in gates.items():
         if g not in GATES:
             raise RecipeError(f"{where}: unknown gate '{g}'; known: {', '.join(GATES)}")
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise RecipeError(f"{where}: gate '{g}' needs a number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise RecipeError(f"{where}: gate '{g}' needs a finite number, got {v!r}")
         metric = GATES[g][0]
         if metric not in provided:
             raise RecipeError(f"{where}: gate '{g}' needs the metric '{metric}', which this step does not measure "

@@ -66,6 +66,9 @@ def test_path_options_of_steps_expand_like_the_model(tmp_path, monkeypatch):
     (lambda d: d["steps"].append({"export-onnx": {}, "gates": {"max_logit_drift": 1.0}}),
      "gate 'max_logit_drift' needs the metric 'logit_drift'"),
     (lambda d: d["steps"][0].update({"gates": {"max_speed": 1}}), "unknown gate 'max_speed'"),
+    (lambda d: d["steps"][0].update({"gates": {"max_ppl_increase": float("nan")}}),
+     "gate 'max_ppl_increase' needs a finite number, got nan"),  # NaN would pass every model
+    (lambda d: d.update({"gates": {"max_ppl_increase": float("inf")}}), "needs a finite number, got inf"),
     (lambda d: d.update({"colour": "blue"}), "unknown top-level key"),
     (lambda d: d["steps"][0].update({"sweep": {"scheme": "int8"}}), "non-empty list"),
 ])
