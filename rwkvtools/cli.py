@@ -130,6 +130,12 @@ def _inspect(model, as_json):
         click.echo(text(info))
 
 
+def _device(ctx, param, value):
+    """eval's --device: checked while parsing, auto resolved to the device it means."""
+    from .commands.common import _device_option, check_device
+    return check_device(_device_option(ctx, param, value))
+
+
 def _encoding(ctx, param, value):
     from .commands.common import encoding_option
     return encoding_option(ctx, param, value)
@@ -146,7 +152,8 @@ def _encoding(ctx, param, value):
               help="Byte encoding for the bytes tokenizer (utf-16le for the v6 fixture).")
 @click.option("--max-tokens", type=int, default=None, help="Score only the first N tokens (N-1 predictions).")
 @click.option("--chunk-len", type=int, default=1024, show_default=True, help="Tokens per forward call.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--device", default="cpu", show_default=True, metavar="auto|cpu|cuda[:N]",
+              callback=lambda c, p, v: _device(c, p, v), help="Where the model runs (auto = CUDA when there is one).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on long texts in a terminal).")

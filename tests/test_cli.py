@@ -116,6 +116,12 @@ def test_eval_bad_options(tmp_path):
     assert res.exit_code == 2 and "no such text file" in res.output
     res = run("eval", out, "--text", txt, "--tokenizer", "neox")
     assert res.exit_code == 2 and "20B_tokenizer.json" in res.output
+    res = run("eval", out, "--text", txt, "--tokenizer", "bytes", "--device", "tpu")  # was an internal error
+    assert res.exit_code == 2 and "expected auto, cpu, cuda or cuda:N" in res.output and "Traceback" not in res.output
+    import torch
+    res = run("eval", out, "--text", txt, "--tokenizer", "bytes", "--device", "auto", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["device"].startswith("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.parametrize("command", ["lowrank", "quantize", "convert"])
