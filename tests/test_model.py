@@ -112,6 +112,27 @@ def test_half_precision_tracks_fp32(tiny_models, version, dtype):
     assert max_rel(low, ref) <= tol
 
 
+@pytest.mark.parametrize("version", ("4", "5.2", "6", "7"))
+def test_fp16_rescale_every_six_layers(version):
+    """fp16 v4-v6 use ChatRWKV's rescale: layer i's att.output and ffn.value divided by 2^(i // 6),
+    the residual halved after every 6th layer, logits those of fp32 (v7: no rescale). The 3-layer
+    tiny models never reach a rescaled layer, so this model has 8."""
+    from rwkvtools.random_init import random_checkpoint
+    ck = random_checkpoint(version, n_layer=8, n_embd=64, head_size=16, vocab=97, seed=7)
+    m16 = build_model(ck, dtype=torch.float16)
+    assert m16.rescale_every == (0 if version == "7" else 6)
+    for i in (0, 5, 6, 7):
+        s = 1.0 if version == "7" else 2.0 ** (i // 6)
+        for name in ("att.output", "ffn.value"):
+            lin = m16.blocks[i].att.output if name == "att.output" else m16.blocks[i].ffn.value
+            assert torch.equal(lin.weight, ck.tensors[f"blocks.{i}.{name}.weight"].half() / s), (i, name)
+    toks = torch.randint(0, 97, (1, 32), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref, _ = build_model(ck)(toks)
+        low, _ = m16(toks)
+    assert max_rel(low.float(), ref) <= 0.01  # measured ~1e-3; a wrong rescale gives > 2e-2
+
+
 def test_perplexity_matches_full_logits_cross_entropy(tiny_models):
     """perplexity() scores a dense head one vocabulary block at a time with a running logsumexp;
     it must equal cross_entropy on the model's full logits, with the state carried over chunks."""
