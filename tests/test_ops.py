@@ -70,6 +70,19 @@ def test_v7_chunked_matches_naive(T, chunk, dtype, tol):
     assert max_rel(S1, S0) <= tol
 
 
+@pytest.mark.parametrize("scale", (5.0, 150.0))
+def test_v7_chunked_outside_the_decay_bound(scale):
+    """Log-decays beyond the v7 bound (|g| <= 0.61; here up to 5 and 150): shorter chunks that are
+    still safe, or the naive steps when even those would overflow; finite and equal to naive."""
+    r, g, k, v, a, b, S = _v7_inputs(45, torch.float32)
+    g = g * (scale / 0.6065306597)
+    assert float(g.abs().max()) * 16 > chunked.SAFE_EXP
+    y0, S0 = naive.wkv7_naive(r, g, k, v, a, b, S)
+    y1, S1 = chunked.wkv7_chunked(r, g, k, v, a, b, S)
+    assert torch.isfinite(y1).all() and torch.isfinite(S1).all()
+    assert max_rel(y1, y0) <= 5e-6 and max_rel(S1, S0) <= 5e-6
+
+
 def _v4_inputs(T, dtype, B=2, C=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.exp(torch.randn(C, generator=g, dtype=dtype))
