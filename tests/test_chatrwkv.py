@@ -57,3 +57,27 @@ def test_reference_matches_chatrwkv(tmp_path, tiny_models, version):
     ours = ours[0].numpy()
     assert np.abs(ours - theirs["seq"]).max() <= 1e-5
     assert np.abs(ours - theirs["step"]).max() <= 1e-5
+
+
+def test_v6_strong_decays_match_chatrwkv(tmp_path, tiny_models):
+    """v6 log-decays -exp(w) from -e^-6 down to -e^5 (~ -148): the reference model's floor
+    (LOGDECAY_MIN) must only touch decays that are zero in float32 anyway, and the chunked form
+    must stay finite (it switches to pairwise weights)."""
+    pytest.importorskip("rwkv", reason="ChatRWKV's rwkv package is a test dependency: pip install -e .[test]")
+    ck = distinct_mixes(tiny_models["6"])
+    t = dict(ck.tensors)
+    g = torch.Generator().manual_seed(0)
+    for k, x in t.items():
+        if k.endswith("att.time_decay"):
+            t[k] = torch.linspace(-6.0, 5.0, x.numel())[torch.randperm(x.numel(), generator=g)].reshape(x.shape)
+    ck = Checkpoint(t, ck.manifest)
+    pth = str(tmp_path / "model.pth")
+    write_pth(ck, pth)
+    tokens = torch.randint(0, 97, (45,), generator=torch.Generator().manual_seed(12)).tolist()
+    theirs = chatrwkv_logits(pth, tokens, False, str(tmp_path / "out.npz"))
+    with torch.no_grad():
+        ours, _ = build_model(ck)(torch.tensor([tokens]))
+    ours = ours[0].numpy()
+    assert np.isfinite(ours).all()
+    assert np.abs(ours - theirs["seq"]).max() <= 1e-5
+    assert np.abs(ours - theirs["step"]).max() <= 1e-5
