@@ -149,6 +149,9 @@ def test_block_dequantize_matches_gguf_package(qtype):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((8, 64)).astype(np.float32)
     x[3] = 0.25  # all-equal row
+    # a block whose scale is exactly 1 (Q8_0: max 127) with values on exact .5 ties: C's roundf
+    # rounds them away from zero, numpy's round to even
+    x[5, :32] = [127.0] + [j + 0.5 for j in range(-15, 16)]
     qt = getattr(gguf.GGMLQuantizationType, qtype)
     raw = gguf.quants.quantize(x, qt)
     theirs = gguf.quants.dequantize(raw, qt).reshape(-1)
