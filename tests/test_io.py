@@ -149,9 +149,10 @@ def test_block_dequantize_matches_gguf_package(qtype):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((8, 64)).astype(np.float32)
     x[3] = 0.25  # all-equal row
-    # a block whose scale is exactly 1 (Q8_0: max 127) with values on exact .5 ties: C's roundf
-    # rounds them away from zero, numpy's round to even
-    x[5, :32] = [127.0] + [j + 0.5 for j in range(-15, 16)]
+    # a block whose scale is exactly 1 (largest magnitude -8, -16 or 127) with values on exact .5
+    # ties: ggml rounds them with trunc(x + 8.5) / C's roundf, never numpy's half to even
+    top = {"Q4_0": -8.0, "Q5_0": -16.0, "Q8_0": 127.0}.get(qtype, 1.0)
+    x[5, :32] = [top] + [(j % 14) - 7 + 0.5 for j in range(31)]
     qt = getattr(gguf.GGMLQuantizationType, qtype)
     raw = gguf.quants.quantize(x, qt)
     theirs = gguf.quants.dequantize(raw, qt).reshape(-1)

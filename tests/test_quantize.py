@@ -69,6 +69,31 @@ def test_int4_formula_bound_and_equal_rows(group):
     assert (dq[0] - 0.7).abs().max() < 0.7 * 2 ** -10
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_clip_search_picks_the_least_error_range(scheme):
+    """rtn with clip: each row (group) takes the range factor of CLIP_ALPHAS whose rounding error
+    is least (alpha = 1 is a candidate: never worse than no clipping); levels stay on the grid."""
+    from rwkvtools.gptq import CLIP_ALPHAS
+    w = randn(8, 64, scale=0.05)
+    # row 0: values at +-0.98 m and one outlier -m: alpha 0.98 puts all but the outlier exactly on
+    # the int8 grid (its best range is < 1) and the outlier clips to the lowest level, -127
+    w[0] = torch.where(torch.arange(64) % 2 == 0, 0.98, -0.98)
+    w[0, 7] = -1.0
+    grid = make_grid(scheme, 32)
+    g = grid.group_for(64)
+    q0, _, d0 = rtn(w, grid)
+    q1, _, d1 = rtn(w, grid, clip=True)
+    e0 = (d0 - w).square().reshape(8, -1, g).sum(-1)
+    e1 = (d1 - w).square().reshape(8, -1, g).sum(-1)
+    best = torch.stack([torch.stack([(grid.dequant(grid.quant(blk, p), p) - blk).square().sum(-1)
+                                     for p in (grid.fit(blk, a) for a in CLIP_ALPHAS)]).amin(0)
+                        for blk in w.split(g, 1)], 1)
+    assert torch.allclose(e1, best, rtol=1e-6, atol=0)
+    assert (e1 <= e0).all() and (e1 < e0).any()
+    lo, hi = (-127, 127) if scheme == "int8" else (0, 15)
+    assert q1.min() >= lo and q1.max() <= hi
+
+
 def test_int4_pack_layout_roundtrip():
     q = torch.randint(0, 16, (5, 10), generator=GEN)
     p = pack_int4(q)
@@ -82,6 +107,10 @@ def test_ggml_grid_matches_reference_bytes_and_bound(qtype):
     w = randn(7, 96, scale=0.2)
     w[2] = 0.125                                     # all-equal row
     w[4, :32] = 0.0
+    # a block with scale exactly 1 (its largest magnitude -8, -16 or 127) and values on .5 ties:
+    # ggml rounds with trunc(x + 8.5) / roundf, never half to even
+    top = {"Q4_0": -8.0, "Q5_0": -16.0, "Q8_0": 127.0}.get(qtype, 1.0)
+    w[5, :32] = torch.tensor([top] + [(j % 14) - 7 + 0.5 for j in range(31)])
     grid = GGMLGrid(qtype)
     q, ps, dq = rtn(w, grid)
     ref = ggml_quants.quantize(qtype, w.numpy())
