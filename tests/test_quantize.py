@@ -146,24 +146,30 @@ def test_bad_rows_give_clear_errors(tiny_models):
 
 
 # ------------------------------------------------------------------------------------------ GPTQ
-def _naive_gptq(w, H, grid, damp):
+def _naive_gptq(w, H, grid, damp, order=None):
     """Optimal Brain Quantizer, one column at a time, re-inverting the Hessian of the columns
-    still unquantized at every step (the textbook update GPTQ computes with a Cholesky factor)."""
+    still unquantized at every step (the textbook update GPTQ computes with a Cholesky factor).
+    ``order``: the columns in that order, each group's parameters fitted on the original weights
+    beforehand (act_order's static groups)."""
     W = w.double().clone()
     n = W.shape[1]
     H = H.double() + torch.eye(n, dtype=torch.float64) * damp * float(torch.diagonal(H).mean())
     g = grid.group_for(n)
     Q = torch.zeros_like(W)
-    for j in range(n):
-        if j % g == 0:
+    static = None if order is None else [grid.fit(w[:, k:k + g].float()) for k in range(0, n, g)]
+    order = list(range(n)) if order is None else list(order)
+    for step, j in enumerate(order):
+        if static is not None:
+            p = static[j // g]
+        elif j % g == 0:
             p = grid.fit(W[:, j:j + g].float())
-        rest = list(range(j, n))
+        rest = order[step:]
         Hinv = torch.linalg.inv(H[rest][:, rest])
-        q = grid.quant(W[:, j:j + 1].float(), p)
-        dq = grid.dequant(q, p).double()
+        q = grid.quant(W[:, j:j + 1].float(), p, j % g)
+        dq = grid.dequant(q, p, j % g).double()
         Q[:, j:j + 1] = dq
         err = (W[:, j:j + 1] - dq) / Hinv[0, 0]
-        W[:, j:] -= err * Hinv[0:1, :]
+        W[:, rest] -= err * Hinv[0:1, :]
     return Q
 
 
@@ -178,6 +184,31 @@ def test_gptq_equals_naive_obq(scheme):
     ref = _naive_gptq(w, H, grid, 0.01)
     # identical decisions; tiny float differences could only flip exact ties
     assert (dq.double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "Q5_1"])
+def test_gptq_act_order_equals_naive_obq_in_decreasing_energy_order(scheme):
+    n = 64
+    X = randn(400, n) @ (torch.eye(n) + 0.5 * randn(n, n) / math.sqrt(n))
+    X = X * torch.linspace(0.2, 2.0, n)[torch.randperm(n, generator=GEN)]  # distinct input energies
+    H = (X.t() @ X).double()
+    w = randn(6, n, scale=0.1)
+    grid = make_grid(scheme, 32)
+    _, _, dq = gptq(w, H, grid, damp=0.01, block=16, act_order=True)
+    order = sorted(range(n), key=lambda j: -float(H[j, j]))   # decreasing diag(H)
+    ref = _naive_gptq(w, H, grid, 0.01, order=order)
+    assert (dq.double() - ref).abs().max() < 1e-5
+
+
+def test_gptq_without_any_input_energy_is_rtn():
+    """A linear whose calibration inputs are all zero (H = 0): nothing to compensate, GPTQ gives
+    the RTN weights instead of failing on the singular Hessian."""
+    w = randn(6, 64, scale=0.1)
+    for scheme in ("int8", "int4", "Q4_0"):
+        grid = make_grid(scheme, 32)
+        _, _, d_g = gptq(w, torch.zeros(64, 64, dtype=torch.float64), grid)
+        _, _, d_r = rtn(w, grid)
+        assert torch.equal(d_g, d_r), scheme
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
