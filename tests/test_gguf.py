@@ -850,6 +850,8 @@ def test_kquants_are_ggml_bytes():
     x[2, :256] = 0
     x[3, :300] = np.abs(x[3, :300])
     x[5] = rng.standard_t(2, size=512) * 0.05
+    x[6, :32] *= 1e-4  # sub-blocks 10^4 smaller than the rest of their super-block: the 6-bit (Q4_K,
+    x[7, :16] *= 1e-4  # Q5_K) / 8-bit (Q6_K) scale rounds to 0 and ggml keeps the search's levels
     for qtype in kquants.KQUANT_TYPES:
         assert np.array_equal(run.ggml_quantize(qtype, x), kquants.quantize(qtype, x)), qtype
 
