@@ -338,6 +338,20 @@ def test_every_rwkvcpp_version_ggml_quantizes_and_runs(tiny_models, version, tmp
     assert max_rel(m(toks)[0], build_model(ck)(toks)[0]) < 0.05
 
 
+@pytest.mark.parametrize("scheme", ["int8", "Q5_1"])
+def test_reported_rel_error_is_the_weight_error(tiny_models, scheme):
+    """The manifest's per-tensor rel_error is ||W - deq(W)|| / ||W||, recomputed here from the
+    dequantized checkpoint."""
+    ck = tiny_models["7"]
+    out = quantize(ck, QuantizeConfig(scheme, group_size=32))
+    deq = dequantize(out).tensors
+    rep = out.manifest["quantized"]["tensors"]
+    assert rep
+    for name, t in rep.items():
+        w, d = ck.tensors[name].double(), deq[name].double()
+        assert t["rel_error"] == pytest.approx(float((w - d).norm() / w.norm()), rel=1e-6), name
+
+
 def test_int8_module_memory_and_kernel_equivalence():
     w = randn(48, 64, scale=0.1)
     q, ps, dq = rtn(w, Int8Grid())
