@@ -70,3 +70,21 @@ def test_v7_reference_perplexity_matches_official_runtimes():
     model = rwkvtools.load(fixture_path("tiny-rwkv-7v0-834K.pth"))
     res = perplexity(model, list(wikitext_bytes(8192)))
     assert abs(res.ppl - 41.495829) / 41.495829 < 1e-5
+
+
+@pytest.mark.parametrize("stem", ["tiny-rwkv-4v0-660K", "tiny-rwkv-5v2-730K", "tiny-rwkv-7v0-834K"])
+def test_rwkvcpp_fp16_file_is_the_fp32_file_in_16_bits(stem):
+    """rwkv.cpp's converter wrote both files from one model: the FP16 file's matrices read back as
+    float16 tensors equal to the FP32 file's rounded to float16; its FP32 records are equal."""
+    a = read_checkpoint(fixture_path(stem + "-FP32.bin"))
+    b = read_checkpoint(fixture_path(stem + "-FP16.bin"))
+    assert list(a.tensors) == list(b.tensors)
+    n16 = 0
+    for k in a.tensors:
+        x, y = a.tensors[k], b.tensors[k]
+        if y.dtype == torch.float16:
+            assert torch.equal(y, x.half()), k
+            n16 += 1
+        else:
+            assert y.dtype == torch.float32 and torch.equal(y, x), k
+    assert n16 > 0
