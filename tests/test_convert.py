@@ -374,6 +374,29 @@ def test_rwkvcpp_quantizer_reproduced(tmp_path, stem):
     assert _bytes(out) == _bytes(fixture_path(stem + "-Q5_1.bin"))
 
 
+@pytest.mark.parametrize("version", ["5.2", "7"])
+def test_rwkvcpp_quantized_from_fp16_base_is_rwkvcpp_quantizer_on_the_fp16_file(tmp_path, version):
+    """base_type FP16: the bytes rwkv.cpp's quantizer writes from our FP16 file, i.e. every record
+    the FP16 file stores in 16 bits quantized from those float16 values."""
+    from rwkvtools.io import ggml_quants
+    from rwkvtools.io.rwkvcpp import TYPE_NAMES, read_rwkvcpp, scan
+    ck = random_checkpoint(version, n_layer=2, n_embd=64, head_size=16, vocab=97, seed=3)
+    f16, q = str(tmp_path / "f16.bin"), str(tmp_path / "q.bin")
+    write_rwkvcpp(ck, f16, "FP16")
+    write_rwkvcpp(ck, q, "Q5_1", base_type="FP16")
+    stored = read_rwkvcpp(f16, raw=True).tensors
+    qrecs = {r.name: r for r in scan(q)[1]}
+    data = _bytes(q)
+    n = 0
+    for r in scan(f16)[1]:
+        if needs_quant(r.name, len(r.shape)) and TYPE_NAMES[r.dtype] == "FP16":
+            want = ggml_quants.quantize("Q5_1", stored[r.name].float().numpy())
+            got = np.frombuffer(data, np.uint8, qrecs[r.name].nbytes, qrecs[r.name].offset)
+            assert np.array_equal(got, want), r.name
+            n += 1
+    assert n >= 8
+
+
 def test_rwkvcpp_blocks_api(tmp_path):
     from rwkvtools.io import ggml_quants
     ck = read_checkpoint(fixture_path("tiny-rwkv-7v0-834K-FP32.bin"))
