@@ -113,6 +113,20 @@ def test_kquant_blocks_decode_with_gguf(qtype):
     assert np.array_equal(kquants.quantize(qtype, x), raw)
 
 
+def test_q1_0_blocks_decode_to_plus_minus_d():
+    """Q1_0 (which the gguf package cannot dequantize): per 128 values an fp16 d and 128 sign bits
+    (bit j of the little-endian bit stream), value +d for a set bit and -d otherwise."""
+    from types import SimpleNamespace
+
+    from rwkvtools.io.gguf_io import _dequantize
+    bits = np.random.default_rng(0).integers(0, 2, (3, 128)).astype(np.uint8)
+    d = np.array([0.5, -2.0, 3e-3], np.float16)
+    raw = np.concatenate([d.view(np.uint8).reshape(3, 2), np.packbits(bits, axis=1, bitorder="little")], 1)
+    out = _dequantize(raw.reshape(-1), SimpleNamespace(shape=(3, 128), type_name="Q1_0", name="t"))
+    expect = np.where(bits == 1, 1.0, -1.0).astype(np.float32) * d.astype(np.float32)[:, None]
+    assert np.array_equal(out.numpy(), expect)
+
+
 def test_kquant_rejects_bad_input():
     with pytest.raises(ValueError, match="multiple"):
         kquants.quantize("Q4_K", np.zeros(100, np.float32))
