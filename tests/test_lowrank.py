@@ -14,7 +14,7 @@ from rwkvtools.model.linear import DenseLinear, LowRankLinear
 from rwkvtools.random_init import random_checkpoint
 from rwkvtools.spec import detect
 from rwkvtools.transforms.lowrank import (LowRankConfig, LowRankError, apply, energy_ranks, lowrank, plan,
-                                          svd_factors, target_prefixes, whitened_factors)
+                                          svd_factors, target_prefixes, uniform_rank, whitened_factors)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,6 +110,35 @@ def test_energy_allocation_follows_the_spectrum_within_budget():
     assert ranks[0] == 1  # all its energy is in one direction
     assert ranks[1] > 8 and ranks[2] > 5
     assert all(1 <= r <= c for r, c in zip(ranks, caps))
+
+
+def test_uniform_rank_formula():
+    """r = round(R m n / (m + n)) for R < 1 (in [1, min(m, n)]), R itself for R >= 1."""
+    for R in (0.1, 0.25, 0.32, 0.5, 0.75):
+        for m in range(1, 40, 3):
+            for n in range(1, 40, 5):
+                want = max(1, min(m, n, int(round(R * m * n / (m + n)))))
+                assert uniform_rank(R, m, n) == want, (R, m, n)
+    assert uniform_rank(7, 40, 30) == 7 and uniform_rank(100, 40, 30) == 30
+
+
+def test_energy_allocation_weighs_the_cost_of_a_direction():
+    """Directions are taken by energy share per parameter (share / (m + n)): the small matrix's
+    flat directions (share 0.1, cost 20) come before the big one's second direction (share 0.23,
+    cost 400), which then no longer fits."""
+    big = torch.tensor([1.0, 0.5477] + [0.01] * 198, dtype=torch.float64)
+    small = torch.ones(10, dtype=torch.float64)
+    assert energy_ranks([big, small], [(200, 200), (10, 10)], 400 + 20 + 400) == [1, 5]
+
+
+def test_whitening_damping_grows_only_as_far_as_needed():
+    """A singular covariance on the Cholesky route (m > n) with damp 0: the regulariser starts at
+    1e-12 (relative) and grows tenfold only while the factorisation fails."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(12, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    f = whitened_factors(w, x.t() @ x, 5, damp=0.0)
+    assert 0 < f.damp <= 1e-9
 
 
 # -------------------------------------------------------------------------- model contracts
