@@ -401,3 +401,16 @@ def test_cli_recursive_errors(tmp_path):
     for cmd in ("recursive", "heal"):
         h = CliRunner().invoke(main, [cmd, "--help"])
         assert h.exit_code == 0 and "Example" in h.output
+
+
+
+def test_shared_lora_dense_weight_is_what_the_layer_computes():
+    """SharedLoRALinear.dense_weight() (W_block + lora_b @ lora_a, used to densify a linear) is the
+    matrix the layer applies: its forward on the identity."""
+    model = build_model(recursive(_ck("7"), RecursiveConfig(blocks=2, lora_rank=3)))
+    mods = [m for m in model.modules() if isinstance(m, SharedLoRALinear) and m.rank > 0]
+    assert mods
+    for m in mods:
+        n_in = m.shared_weight.shape[1]
+        with torch.no_grad():
+            assert torch.allclose(m.dense_weight(), m(torch.eye(n_in)).t(), atol=1e-6)
