@@ -397,6 +397,33 @@ def test_rwkvcpp_quantized_from_fp16_base_is_rwkvcpp_quantizer_on_the_fp16_file(
     assert n >= 8
 
 
+@pytest.mark.parametrize("via", ["writer", "quantize"])
+def test_rwkvcpp_quantizer_from_fp16_base_quantizes_fp32_records_as_stored(tmp_path, via):
+    """rwkv.cpp's quantizer converts FP16 records to float32 and quantizes FP32 records as they are;
+    a v6 FP16 file keeps time_maa_w1 / time_decay_w1 / time_decay_w2 (2-D, quantized) in FP32."""
+    from rwkvtools.io import ggml_quants
+    from rwkvtools.io.rwkvcpp import read_rwkvcpp, scan
+    from rwkvtools.transforms.quantize import QuantizeConfig, quantize, write_quantized
+    ck = random_checkpoint("6", n_layer=2, n_embd=64, head_size=16, vocab=97, seed=3)
+    f16, q = str(tmp_path / "f16.bin"), str(tmp_path / "q.bin")
+    write_rwkvcpp(ck, f16, "FP16")
+    if via == "writer":
+        write_rwkvcpp(ck, q, "Q5_1", base_type="FP16")
+    else:
+        write_quantized(quantize(read_checkpoint(f16), QuantizeConfig("Q5_1")), q)
+    stored = read_rwkvcpp(f16, raw=True)
+    qrecs = {r.name: r for r in scan(q)[1]}
+    data = _bytes(q)
+    n = 0
+    for r in scan(f16)[1]:
+        if needs_quant(r.name, len(r.shape)):
+            want = ggml_quants.quantize("Q5_1", stored.tensors[r.name].float().numpy())
+            got = np.frombuffer(data, np.uint8, qrecs[r.name].nbytes, qrecs[r.name].offset)
+            assert np.array_equal(got, want), r.name
+            n += 1
+    assert n > 6
+
+
 def test_rwkvcpp_blocks_api(tmp_path):
     from rwkvtools.io import ggml_quants
     ck = read_checkpoint(fixture_path("tiny-rwkv-7v0-834K-FP32.bin"))

@@ -422,7 +422,9 @@ def write_rwkvcpp(ckpt: Checkpoint, path: str, data_type: str = "FP32",
                     if shape[-1] % ggml_quants.QK:
                         raise FormatError(f"cannot quantize '{name}' to {dt}: its rows have {shape[-1]} values, "
                                           f"not a multiple of {ggml_quants.QK} (rwkv.cpp's requirement)")
-                    vals = x.half().float() if base == "FP16" else x
+                    # rwkv.cpp quantizes each record from its stored values: FP16 base files keep
+                    # some 2-D tensors (v6 time_maa_w1, time_decay_w1/w2) in FP32
+                    vals = x.half().float() if base == "FP16" and _fp16_eligible(name, x.dim()) else x
                     rtype, payload = dt, ggml_quants.quantize(dt, vals.numpy())
                 elif base == "FP16" and _fp16_eligible(name, x.dim()):
                     rtype, payload = "FP16", x.half().numpy()
