@@ -148,12 +148,12 @@ def _encoding(ctx, param, value):
 @click.option("--tokenizer", type=click.Choice(["auto", "bytes", "world", "neox"]), default="auto", show_default=True,
               help="auto picks by vocab size: 256 bytes, 65536 World, 50277/50304 GPT-NeoX.")
 @click.option("--tokenizer-file", type=click.Path(), default=None, help="20B_tokenizer.json for --tokenizer neox.")
-@click.option("--encoding", default="utf-8", show_default=True, callback=lambda c, p, v: _encoding(c, p, v),
+@click.option("--encoding", default="utf-8", show_default=True, callback=_encoding,
               help="Byte encoding for the bytes tokenizer (utf-16le for the v6 fixture).")
 @click.option("--max-tokens", type=int, default=None, help="Score only the first N tokens (N-1 predictions).")
 @click.option("--chunk-len", type=int, default=1024, show_default=True, help="Tokens per forward call.")
 @click.option("--device", default="cpu", show_default=True, metavar="auto|cpu|cuda[:N]",
-              callback=lambda c, p, v: _device(c, p, v), help="Where the model runs (auto = CUDA when there is one).")
+              callback=_device, help="Where the model runs (auto = CUDA when there is one).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on long texts in a terminal).")

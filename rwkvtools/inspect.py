@@ -85,7 +85,9 @@ def describe_onnx(path: str) -> dict:
     ext = path + ".data"
     size = os.path.getsize(path)
     data = os.path.getsize(ext) if os.path.isfile(ext) else 0
-    io = lambda items: [{"name": x.name, "type": x.type, "shape": list(x.shape)} for x in items]  # noqa: E731
+
+    def io(items):
+        return [{"name": x.name, "type": x.type, "shape": list(x.shape)} for x in items]
     keep = ("format", "interface_version", "rwkvtools", "rwkv_version", "mode", "dtype", "opset", "chunk_len",
             "logits", "linear_op", "n_layer", "n_embd", "n_head", "head_size", "vocab", "empty_state", "source",
             "history")
@@ -98,7 +100,9 @@ def format_onnx_description(info: dict) -> str:
     ins, outs = info["inputs"], info["outputs"]
     states = [x for x in ins if x["name"].startswith("state_in_")]
     groups = sorted({x["name"][len("state_in_"):].split(".")[0] for x in states})
-    shape = lambda x: "[" + ", ".join(str(d) for d in x["shape"]) + "]"  # noqa: E731
+
+    def shape(x):
+        return "[" + ", ".join(str(d) for d in x["shape"]) + "]"
     tok = next((x for x in ins if x["name"] == "tokens"), None)
     logits = next((x for x in outs if x["name"] == "logits"), None)
     lines = [f"file        {info['file']}",
