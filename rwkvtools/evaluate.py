@@ -15,10 +15,24 @@ def evaluate_file(model_path: str, text_path: str, tokenizer: str = "auto", toke
     text = read_text(text_path)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RwkvToolsError("--device cuda: no CUDA device is available (use --device cpu)")
-    if model_path.endswith(".onnx") and os.path.isfile(model_path):
+    onnx = model_path.endswith(".onnx") and os.path.isfile(model_path)
+    if onnx:  # runs in the dtype it was exported in, on onnxruntime's provider for the device
         from .export.onnx_eval import OnnxModel
-        model = OnnxModel(model_path)
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda"):
+            import onnxruntime as ort
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise RwkvToolsError(f"--device {device}: this onnxruntime has no CUDA provider")
+            providers = [("CUDAExecutionProvider", {"device_id": int(device[5:] or 0)}), "CPUExecutionProvider"]
+        model = OnnxModel(model_path, providers=providers)
         vocab = model.vocab
+        stored = "float16" if model.meta.get("dtype") == "fp16" else "float32"
+        asked = str(dtype).replace("torch.", "")
+        if asked not in ("float32", stored):
+            raise RwkvToolsError(f"--dtype {asked}: an ONNX file runs in the dtype it was exported in "
+                                 f"({model.meta.get('dtype')}); export it again with export-onnx --dtype")
+        dtype = getattr(torch, stored)
+        device = "cuda" if model.providers[0].startswith("CUDA") else "cpu"
     else:
         from .model import load
         model = load(model_path, device=device, dtype=dtype)

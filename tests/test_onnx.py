@@ -239,6 +239,13 @@ def test_eval_accepts_onnx(tmp_path):
         got = json.loads(res.output)
         assert got["backend"] == "onnxruntime-cpu" and got["tokens"] == ref["tokens"]
         assert abs(got["ppl"] / ref["ppl"] - 1) <= 1e-5
+        assert (got["device"], got["dtype"]) == ("cpu", "float32")  # what ran, not what was asked
+    # the file's dtype is fixed at export: another --dtype is refused, the matching one reported
+    res = run("eval", tmp_path / "step.onnx", "--text", txt, "--tokenizer", "bytes", "--dtype", "fp16")
+    assert res.exit_code == 2 and "exported in (fp32)" in res.output, res.output
+    assert run("export-onnx", pth, tmp_path / "h.onnx", "--dtype", "fp16", "--no-validate").exit_code == 0
+    got = json.loads(run("eval", tmp_path / "h.onnx", "--text", txt, "--json", "--tokenizer", "bytes").output)
+    assert got["dtype"] == "float16" and abs(got["ppl"] / ref["ppl"] - 1) <= 2e-2
 
 
 # ------------------------------------------------------------------------------------- fp16
@@ -413,6 +420,9 @@ def test_bad_input_clear_errors_no_partial_output(tmp_path, tiny_models):
         (["export-onnx", pth, tmp_path / "o.onnx", "--opset", 12], "opset 12 is not supported"),
         (["export-onnx", pth, tmp_path / "o.onnx", "--opset", 99], "opset 99 is not supported"),
         (["export-onnx", pth, tmp_path / "o.onnx", "--external-data-threshold", -5], "must not be negative"),
+        (["export-onnx", pth, tmp_path / "o.onnx", "--tol", -1], "tol must be a positive finite number"),
+        (["export-onnx", pth, tmp_path / "o.onnx", "--tol", 0], "tol must be a positive finite number"),
+        (["export-onnx", pth, tmp_path / "o.onnx", "--tol", "nan"], "must be a finite number"),
     ]
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"\x80\x04garbage that is not a pickle of tensors")

@@ -950,6 +950,9 @@ def export_onnx(src, out: str, mode: str = "step", dtype: str = "fp32", opset: i
         raise ExportError(f"mode must be 'step' or 'sequence', not '{mode}'")
     if dtype not in ("fp32", "fp16"):
         raise ExportError(f"dtype must be fp32 or fp16, not '{dtype}'")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0
+                            or tol == float("inf")):
+        raise ExportError(f"tol must be a positive finite number (the largest logit difference accepted), got {tol!r}")
     max_opset = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= max_opset:
         raise ExportError(f"opset {opset} is not supported: use {MIN_OPSET}..{max_opset} (default {DEFAULT_OPSET})")
