@@ -423,6 +423,8 @@ def test_bad_input_clear_errors_no_partial_output(tmp_path, tiny_models):
         (["export-onnx", pth, tmp_path / "o.onnx", "--tol", -1], "tol must be a positive finite number"),
         (["export-onnx", pth, tmp_path / "o.onnx", "--tol", 0], "tol must be a positive finite number"),
         (["export-onnx", pth, tmp_path / "o.onnx", "--tol", "nan"], "must be a finite number"),
+        (["export-onnx", pth, tmp_path / "o.onnx", "--chunk-len", 32], "--chunk-len applies to --mode sequence"),
+        (["export-onnx", pth, tmp_path / "o.onnx", "--logits", "last"], "--logits applies to --mode sequence"),
     ]
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"\x80\x04garbage that is not a pickle of tensors")

@@ -55,6 +55,11 @@ def export_onnx_cmd(src, out, mode, dtype, opset, chunk_len, logits, linear_op, 
       rwkvtools export-onnx ../shared/fixtures/tiny-rwkv-4v0-660K.pth tiny4-fp16.onnx --dtype fp16 --json
       rwkvtools eval tiny7-step.onnx --text ../shared/data/wikitext-2-test.txt --max-tokens 1024
     """
+    ctx = click.get_current_context()
+    if mode == "step":  # options that only shape the sequence graph: refused rather than ignored
+        for opt, name in (("--chunk-len", "chunk_len"), ("--logits", "logits")):
+            if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT):
+                raise UserError(f"{opt} applies to --mode sequence (a step graph takes one token per call)")
     handle_errors(_export)(src, out, mode, dtype, opset, int(chunk_len), logits, linear_op, no_validate, tol,
                            external_data_threshold, report, as_json, force, progress)
 
