@@ -117,8 +117,8 @@ def inspect(model, as_json):
 
 def _inspect(model, as_json):
     from .inspect import describe, describe_onnx, format_description, format_onnx_description
-    from .io import read_checkpoint
-    if model.lower().endswith(".onnx") and os.path.isfile(model):  # an exported model: its metadata
+    from .io import is_onnx_file, read_checkpoint
+    if is_onnx_file(model):  # an exported model: its metadata
         info = describe_onnx(model)
         text = format_onnx_description
     else:

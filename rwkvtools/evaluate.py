@@ -1,7 +1,6 @@
 """``eval``: perplexity of a checkpoint (or an exported ONNX model) on a text file."""
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -15,8 +14,8 @@ def evaluate_file(model_path: str, text_path: str, tokenizer: str = "auto", toke
     text = read_text(text_path)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RwkvToolsError("--device cuda: no CUDA device is available (use --device cpu)")
-    onnx = model_path.endswith(".onnx") and os.path.isfile(model_path)
-    if onnx:  # runs in the dtype it was exported in, on onnxruntime's provider for the device
+    from .io import is_onnx_file
+    if is_onnx_file(model_path):  # runs in the dtype it was exported in, on onnxruntime's provider for the device
         from .export.onnx_eval import OnnxModel
         providers = ["CPUExecutionProvider"]
         if device.startswith("cuda"):

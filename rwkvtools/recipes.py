@@ -295,9 +295,9 @@ def _size(path: str) -> int:
 
 
 def _params(path: str) -> int | None:
-    if path.endswith(".onnx"):
+    from .io import is_onnx_file, read_checkpoint
+    if is_onnx_file(path):
         return None
-    from .io import read_checkpoint
     return read_checkpoint(path).num_params()
 
 

@@ -120,7 +120,9 @@ def logits_drift(model_a, model_b, tokens, max_tokens: int = 256) -> dict:
 
 def ppl_of(nll_per_token: float) -> float:
     """exp(mean NLL); inf where that overflows a float (a model whose logits blow up), NaN stays NaN."""
-    return math.exp(nll_per_token) if nll_per_token < 709.0 else (float("inf") if nll_per_token > 0 else nll_per_token)
+    if math.isnan(nll_per_token):
+        return nll_per_token
+    return math.exp(nll_per_token) if nll_per_token < 709.0 else math.inf
 
 
 @dataclass

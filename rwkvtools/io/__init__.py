@@ -11,6 +11,11 @@ from ..errors import FormatError, RwkvToolsError
 FORMATS = ("pth", "safetensors", "rwkvcpp", "hf", "gguf")
 
 
+def is_onnx_file(path: str) -> bool:
+    """An exported model (`export-onnx`) rather than a checkpoint: eval and inspect take it."""
+    return str(path).lower().endswith(".onnx") and os.path.isfile(path)
+
+
 def sniff(path: str) -> str:
     if not os.path.exists(path):
         raise RwkvToolsError(f"{path}: no such file or folder")
@@ -38,8 +43,7 @@ def sniff(path: str) -> str:
         return "pth"
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".onnx":
+    if is_onnx_file(path):
         raise FormatError(f"{path}: an ONNX model is not a checkpoint (eval accepts it; transforms need a checkpoint)")
     raise FormatError(f"{path}: not a checkpoint rwkvtools can read (expected a .pth, .safetensors, "
                       f"rwkv.cpp .bin, GGUF file or a Hugging Face folder; first bytes {head[:8].hex()})")

@@ -261,7 +261,7 @@ def needs_quant(name: str, ndim: int) -> bool:
     return ndim == 2 and name not in ("emb.weight", "head.weight") and not any(s in name for s in _NO_QUANT_SUBSTR)
 
 
-def _fp16_eligible(name: str, ndim: int) -> bool:
+def fp16_eligible(name: str, ndim: int) -> bool:
     return ndim > 1 and not any(s in name for s in _FP32_SUBSTR)
 
 
@@ -424,9 +424,9 @@ def write_rwkvcpp(ckpt: Checkpoint, path: str, data_type: str = "FP32",
                                           f"not a multiple of {ggml_quants.QK} (rwkv.cpp's requirement)")
                     # rwkv.cpp quantizes each record from its stored values: FP16 base files keep
                     # some 2-D tensors (v6 time_maa_w1, time_decay_w1/w2) in FP32
-                    vals = x.half().float() if base == "FP16" and _fp16_eligible(name, x.dim()) else x
+                    vals = x.half().float() if base == "FP16" and fp16_eligible(name, x.dim()) else x
                     rtype, payload = dt, ggml_quants.quantize(dt, vals.numpy())
-                elif base == "FP16" and _fp16_eligible(name, x.dim()):
+                elif base == "FP16" and fp16_eligible(name, x.dim()):
                     rtype, payload = "FP16", x.half().numpy()
                 else:
                     rtype, payload = "FP32", x.numpy()

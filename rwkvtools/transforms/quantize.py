@@ -383,9 +383,9 @@ class _Result:
 
 
 def _weight(view: Checkpoint, name: str, base: str | None) -> torch.Tensor:
-    from ..io.rwkvcpp import _fp16_eligible
+    from ..io.rwkvcpp import fp16_eligible
     w = view.tensors[name]
-    if base == "FP16" and _fp16_eligible(name, w.dim()):  # what the FP16 base file stores in 16 bits
+    if base == "FP16" and fp16_eligible(name, w.dim()):  # what the FP16 base file stores in 16 bits
         w = w.half()
     return w.float()
 
