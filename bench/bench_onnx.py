@@ -176,6 +176,10 @@ def main():
     ap.add_argument("--no-chatrwkv", action="store_true")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=9, help="interleaved bandwidth/step rounds")
+    ap.add_argument("--parallel-executor", action="store_true",
+                    help="also time the conv step graph under onnxruntime's parallel executor (1 intra-op and "
+                         "2 inter-op threads: independent nodes, e.g. a layer's r/k/v products, run side by side) "
+                         "in every round")
     args = ap.parse_args()
     import onnxruntime as ort
 
@@ -253,6 +257,13 @@ def main():
     floor_sess, floor_feed, _ = floor_session(paths["step"], args.threads, ort)
     cfloor_sess, cfloor_feed, cmats = floor_session(paths["step_conv"], args.threads, ort)
     skel_step = stepper_for(skeleton_session(paths["step_conv"], args.threads, ort))
+    par_step = None
+    if args.parallel_executor:
+        so_par = ort.SessionOptions()
+        so_par.log_severity_level = 3
+        so_par.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+        so_par.intra_op_num_threads, so_par.inter_op_num_threads = 1, args.threads
+        par_step = stepper_for(ort.InferenceSession(paths["step_conv"], so_par, providers=["CPUExecutionProvider"]))
     rounds = []
     for _ in range(args.rounds):
         bw_r = read_bandwidth_gbs(args.threads, reps=3)["gbs"]
@@ -267,6 +278,9 @@ def main():
                        "conv_floor_ms": cf_r, "sum_each_ms": sm_r, "step_x_bound": st_r / b_r,
                        "conv_x_bound": cv_r / b_r, "floor_x_bound": fl_r / b_r, "conv_floor_x_bound": cf_r / b_r,
                        "sum_each_x_bound": sm_r / b_r, "skeleton_ms": sk_r, "skeleton_x_bound": sk_r / b_r})
+        if par_step is not None:
+            pe_r, _ = median_step_ms(par_step, max(8, args.steps // 3), warm=1)
+            rounds[-1].update(parallel_conv_step_ms=pe_r, parallel_conv_x_bound=pe_r / b_r)
     r_step = statistics.median(r["step_x_bound"] for r in rounds)
     r_conv = statistics.median(r["conv_x_bound"] for r in rounds)
     r_floor = statistics.median(r["floor_x_bound"] for r in rounds)
@@ -354,12 +368,18 @@ def main():
               f"MatMul-only {r['matmul_floor_ms']:5.1f} ms = {r['floor_x_bound']:.2f}x | "
               f"Conv-only {r['conv_floor_ms']:5.1f} ms = {r['conv_floor_x_bound']:.2f}x | "
               f"sum each {r['sum_each_ms']:5.1f} ms = {r['sum_each_x_bound']:.2f}x | "
-              f"skeleton {r['skeleton_ms']:4.1f} ms = {r['skeleton_x_bound']:.2f}x")
+              f"skeleton {r['skeleton_ms']:4.1f} ms = {r['skeleton_x_bound']:.2f}x"
+              + (f" | parallel executor {r['parallel_conv_step_ms']:5.1f} ms = {r['parallel_conv_x_bound']:.2f}x"
+                 if par_step is not None else ""))
     print(f"  median over rounds: step graph {r_step:.2f}x bound, with --linear-op conv {r_conv:.2f}x; "
           f"their products alone {r_floor:.2f}x (MatMul graph), {r_cfloor:.2f}x (conv graph); torch.sum of the same "
           f"weights matrix by matrix {r_sum:.2f}x")
     print(f"  the conv step graph without its weight products (skeleton): {r_skel_ms:.1f} ms = {r_skel:.2f}x bound; "
           f"products alone + skeleton = {r_cfloor + r_skel:.2f}x against the whole conv step graph's {r_conv:.2f}x")
+    if par_step is not None:
+        r_par = statistics.median(r["parallel_conv_x_bound"] for r in rounds)
+        print(f"  the conv step graph under onnxruntime's parallel executor (1 intra-op x {args.threads} inter-op "
+              f"threads): {r_par:.2f}x bound against {r_conv:.2f}x sequential")
     if cr:
         print(f"  ChatRWKV rwkv 0.8.32   : {cr['step_ms']:7.1f} / {cr['step_ms_min']:6.1f} ms  = "
               f"{cr['step_ms'] / bound_ms:.2f}x bound; onnxruntime is {cr['step_ms'] / ort_ms:.2f}x ChatRWKV's speed "
@@ -379,7 +399,8 @@ def main():
                "chatrwkv": cr, "prefill": pre, "step_logit_diff": diff,
                "rounds": rounds, "step_x_bound_median": r_step, "matmul_floor_x_bound_median": r_floor,
                "conv_floor_x_bound_median": r_cfloor, "sum_each_x_bound_median": r_sum,
-               "skeleton_x_bound_median": r_skel, "skeleton_ms_median": r_skel_ms}
+               "skeleton_x_bound_median": r_skel, "skeleton_ms_median": r_skel_ms,
+               "parallel_conv_x_bound_median": r_par if par_step is not None else None}
     print("json:", json.dumps(summary))
     import shutil
     shutil.rmtree(tmp, ignore_errors=True)
