@@ -726,3 +726,107 @@ def test_python_convert_never_writes_into_or_over_its_input(tmp_path, tiny_model
     with pytest.raises(RwkvToolsError, match="holds the input"):
         convert(str(src2), str(inner), format="hf", force=True)
     assert src.read_bytes() == data and src2.read_bytes() == data
+
+
+def test_rnn_form_keeps_no_original_where_the_decay_transform_inverts(tiny_models):
+    """v4 -exp(td) is injective in fp32 for |td| >= 2 (test_invert_value_reproduces_the_stored_value):
+    with every decay there, the RNN form must keep no original and still round-trip bit for bit."""
+    ck = tiny_models["4"]
+    t = dict(ck.tensors)
+    for k in [k for k in t if k.endswith("time_decay")]:
+        g = torch.Generator().manual_seed(len(k))
+        x = torch.empty(t[k].shape).uniform_(2.0, 4.0, generator=g)
+        t[k] = torch.where(torch.rand(t[k].shape, generator=g) < 0.5, -x, x)
+    ck = ck.with_tensors(t, entry={"transform": "test-decays", "options": {}})
+    rnn = to_rnn(ck)
+    assert not [k for k in rnn.tensors if k.startswith(RESERVED)]
+    assert rnn.manifest["rnn"]["tensors"]["blocks.0.att.time_decay"]["value"] == "neg_exp"
+    assert_same_tensors(ck, to_parallel(rnn))
+
+
+def test_rnn_form_with_another_rescale_is_redone_from_the_training_form(tiny_models):
+    """to_rnn of an RNN-form checkpoint with another rescale_every undoes the first and applies
+    the new one: the same tensors as converting the training form directly."""
+    ck = tiny_models["5.2"]
+    again = to_rnn(to_rnn(ck, 0), 2)
+    direct = to_rnn(ck, 2)
+    assert again.manifest["rnn"]["rescale_every"] == 2
+    assert_same_tensors(direct, again)
+    assert torch.equal(logits(ck), logits(again))
+    with pytest.raises(SpecError, match="rescale_every must be >= 0"):
+        to_rnn(ck, -1)
+
+
+def test_rnn_manifest_record_with_a_shape_of_another_size_is_refused_up_front(tiny_models):
+    """A record whose training-form shape holds another number of values than the stored tensor
+    is damage, reported by to_parallel itself (not a reshape error when the tensor is read)."""
+    rnn = to_rnn(tiny_models["5.2"])
+    rec = rnn.manifest["rnn"]["tensors"]["blocks.0.ffn.key.weight"]
+    assert "kept" not in rec and rec["T"]
+    rec["shape"] = [7, 7]
+    with pytest.raises(SpecError, match="record of 'blocks.0.ffn.key.weight' is damaged"):
+        to_parallel(rnn)
+
+
+def test_rnn_form_refuses_quantized_linears(tiny_models):
+    from rwkvtools.transforms.quantize import QuantizeConfig, quantize
+    q = quantize(tiny_models["7"], QuantizeConfig("int8"))
+    with pytest.raises(SpecError, match="cannot be put in RNN form"):
+        to_rnn(q)
+
+
+def test_invert_value_of_a_decay_of_exactly_one_is_finite():
+    """exp(-exp(td)) rounds to 1.0 in fp32 for td below ~-17: the inverse must be a finite td that
+    reproduces 1.0 (not log(0) = -inf), and decay 0 likewise."""
+    y = torch.tensor([1.0, 0.0])
+    back, ok = invert_value("exp_neg_exp", y)
+    assert bool(ok.all()) and bool(torch.isfinite(back).all())
+    assert torch.equal(forward_value("exp_neg_exp", back), y)
+
+
+def test_check_layout_refuses_a_vector_of_another_size(tiny_models):
+    """Vectors may come in any layout of their values ((1, 1, C) or (C,)), but not another number
+    of values."""
+    from rwkvtools.transforms.convert import check_layout
+    ck = tiny_models["5.2"]
+    t = dict(ck.tensors)
+    t["blocks.1.att.time_mix_k"] = t["blocks.1.att.time_mix_k"].reshape(-1)      # (C,): fine
+    check_layout(ck.with_tensors(t))
+    t["blocks.1.att.time_mix_k"] = torch.zeros(1, 1, 65)
+    with pytest.raises(SpecError, match=r"'blocks.1.att.time_mix_k' has shape \(1, 1, 65\)"):
+        check_layout(ck.with_tensors(t))
+
+
+def test_convert_rnn_source_keeps_its_rescale_and_refuses_one_for_the_training_form(tmp_path, tiny_models):
+    """convert of an RNN-form file keeps the file's rescale_every unless told otherwise; a rescale
+    for a training-form output is refused (it exists only in the RNN form)."""
+    ck = tiny_models["5.2"]
+    src = tmp_path / "r.safetensors"
+    write_safetensors(to_rnn(ck, 2), str(src))
+    convert(str(src), str(tmp_path / "a.pth"))
+    out = read_checkpoint(str(tmp_path / "a.pth"))
+    assert out.form == "rnn" and out.manifest["rnn"]["rescale_every"] == 2
+    assert_same_tensors(to_rnn(ck, 2), out)
+    convert(str(src), str(tmp_path / "b.pth"), rescale_every=0)
+    assert read_checkpoint(str(tmp_path / "b.pth")).manifest["rnn"]["rescale_every"] == 0
+    with pytest.raises(RwkvToolsError, match="--rescale-every applies to the RNN form"):
+        convert(str(src), str(tmp_path / "c.pth"), to="parallel", rescale_every=2)
+    assert not (tmp_path / "c.pth").exists()
+
+
+def test_compare_checkpoints_reports_a_shape_mismatch(tiny_models):
+    a = tiny_models["5.2"]
+    t = dict(a.tensors)
+    t["blocks.0.att.key.weight"] = t["blocks.0.att.key.weight"][:32].clone()
+    rep = compare_checkpoints(a, a.with_tensors(t))
+    assert rep["shape_mismatch"] == "blocks.0.att.key.weight" and rep["max_abs_diff"] == math.inf
+
+
+def test_python_convert_refuses_an_unknown_form_or_dtype(tmp_path, tiny_models):
+    src = tmp_path / "m.safetensors"
+    write_safetensors(tiny_models["5.2"], str(src))
+    with pytest.raises(RwkvToolsError, match="--to must be one of parallel, rnn, got 'rnnn'"):
+        convert(str(src), str(tmp_path / "a.pth"), to="rnnn")
+    with pytest.raises(RwkvToolsError, match="--dtype must be one of"):
+        convert(str(src), str(tmp_path / "a.pth"), dtype="fp8")
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]

@@ -1,5 +1,7 @@
 """The reference model of every version: parallel form vs token by token vs naive WKV vs any
 split into pieces, logits and final state, fp32, odd lengths, batch > 1."""
+import math
+
 import pytest
 import torch
 
@@ -192,3 +194,64 @@ def test_reports_are_strict_json(tmp_path):
     assert json.loads(json_text(rep), **strict) == want
     write_json(str(tmp_path / "r.json"), rep)
     assert json.loads((tmp_path / "r.json").read_text(), **strict) == want
+
+
+def test_gate_bounds_are_inclusive_and_every_gate_must_pass():
+    """A metric equal to its bound passes (max: v <= max, min: v >= min); one failing gate fails
+    the report; a bool is not a measurement."""
+    from rwkvtools.validate import Gate, apply_gates
+    assert Gate("m", max=5.0).check({"m": 5.0})[0] is True
+    assert Gate("m", max=5.0).check({"m": 5.0000001})[0] is False
+    assert Gate("m", min=0.3).check({"m": 0.3})[0] is True
+    assert Gate("m", min=0.3).check({"m": 0.2999999})[0] is False
+    assert Gate("m", max=5.0).check({"m": True})[0] is False
+    rep = {"a": 1.0, "b": 10.0}
+    verdicts = apply_gates(rep, [Gate("a", max=2.0), Gate("b", max=2.0)])
+    assert [v["passed"] for v in verdicts] == [True, False] and rep["passed"] is False
+    rep = {"a": 1.0}
+    apply_gates(rep, [Gate("a", max=2.0), Gate("a", min=0.5)])
+    assert rep["passed"] is True
+
+
+def test_ppl_of_keeps_nan():
+    from rwkvtools.validate import ppl_of
+    assert math.isnan(ppl_of(math.nan)) and ppl_of(math.inf) == math.inf
+    assert ppl_of(2.0) == pytest.approx(math.exp(2.0))
+
+
+def test_validate_transform_report_equals_a_direct_computation(tiny_models):
+    """validate_transform's figures against plain torch: full-sequence logits and cross entropy
+    of both models, their logit difference, parameter counts and bytes of the tensors."""
+    import torch.nn.functional as F
+    from rwkvtools.transforms.convert import cast
+    from rwkvtools.validate import validate_transform
+    before = tiny_models["5.2"]
+    t = dict(before.tensors)
+    for k in [k for k in t if k.endswith("ffn.value.weight")]:     # a rank-4 ffn.value: fewer parameters
+        U, S, Vh = torch.linalg.svd(t.pop(k), full_matrices=False)
+        t[k[:-len("weight")] + "weight_u"], t[k[:-len("weight")] + "weight_v"] = U[:, :4] * S[:4], Vh[:4]
+    t["head.weight"] = t["head.weight"] * 3                           # sharper logits: another perplexity
+    after = cast(before.with_tensors(t, entry={"transform": "test-rank4", "options": {}}), "fp16")
+    toks = torch.randint(0, 97, (150,), generator=torch.Generator().manual_seed(12)).tolist()
+    rep = validate_transform(before, after, toks, max_ppl_increase=1e9, chunk_len=64, drift_tokens=50)
+
+    def ppl_and_logits(ck):
+        with torch.no_grad():
+            lo, _ = build_model(ck)(torch.tensor([toks]))
+        return math.exp(float(F.cross_entropy(lo[0, :-1].float(), torch.tensor(toks[1:])))), lo[0].float()
+    p0, l0 = ppl_and_logits(before)
+    p1, l1 = ppl_and_logits(after)
+    assert rep["ppl_before"] == pytest.approx(p0, rel=1e-4) and rep["ppl_after"] == pytest.approx(p1, rel=1e-4)
+    assert abs(p1 / p0 - 1) > 1e-3                                  # the transform changed the model
+    assert rep["ppl_increase_pct"] == pytest.approx(100 * (p1 / p0 - 1), rel=1e-2, abs=1e-3)
+    d = (l1[:50] - l0[:50]).abs()
+    assert rep["logits_drift"]["tokens"] == 50 and float(d.max()) > 1e-3
+    assert rep["logits_drift"]["max_abs"] == pytest.approx(float(d.max()), rel=1e-3)
+    assert rep["logits_drift"]["mean_abs"] == pytest.approx(float(d.mean()), rel=1e-3)
+    nb = sum(v.numel() for v in before.tensors.values())
+    na = sum(after.tensors[k].numel() for k in after.tensors)
+    assert (rep["params_before"], rep["params_after"]) == (nb, na) and na < nb
+    assert rep["bytes_before"] == 4 * nb
+    assert rep["bytes_after"] == sum(after.tensors[k].numel() * (2 if after.tensors[k].dtype == torch.float16 else 4)
+                                     for k in after.tensors)
+    assert rep["passed"] is True and rep["gates"][0]["metric"] == "ppl_increase_pct"

@@ -535,3 +535,267 @@ def test_onnx_model_refuses_metadata_that_lacks_a_layer_of_a_state(tmp_path, tin
     onnx.save(m, str(path))
     with pytest.raises(RwkvToolsError, match="unreadable rwkvtools metadata.*'wkv' lacks a layer"):
         OnnxModel(str(path))
+
+
+# ------------------------------------------------------------------ mutation audit additions
+def test_v6_decays_beyond_the_log_decay_floor_stay_finite_and_match(tmp_path, tiny_models):
+    """v6 takes log-decay = max(-exp(ww), -60) as model/v6.py does: where exp(ww) overflows fp32
+    (ww = 100) the floor keeps the chunked sequence graph finite (an unfloored -inf turns into NaN
+    in the pairwise segment sums) and equal to the torch model."""
+    ck = tiny_models["6"]
+    t = dict(ck.tensors)
+    td = t["blocks.1.att.time_decay"].clone()
+    td.view(-1)[::3] = 100.0                     # exp(100) = inf in fp32
+    t["blocks.1.att.time_decay"] = td
+    ck = ck.with_tensors(t, entry={"transform": "test-extreme-decay", "options": {}})
+    model = build_model(ck)
+    out = tmp_path / "d.onnx"
+    export(ck, out, mode="sequence", validate=False)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    toks = torch.randint(0, 97, (2, 37), generator=torch.Generator().manual_seed(8)).numpy()
+    pieces = [toks[:, :21], toks[:, 21:]]
+    st, outs = zero_state(model, 2), []
+    for p in pieces:
+        lo, st = ort_run(sess, p, st)
+        outs.append(lo)
+    got = torch.from_numpy(np.concatenate(outs, 1))
+    ref, ref_st = reference(model, pieces)
+    assert torch.isfinite(ref).all() and torch.isfinite(got).all()
+    assert float((got - ref).abs().max()) <= 1e-4
+    assert max_rel(torch.from_numpy(st["wkv"]), ref_st["wkv"]) <= 1e-5
+
+
+def _scaled_head(ck, factor):
+    t = dict(ck.tensors)
+    t["head.weight"] = t["head.weight"] * factor
+    return ck.with_tensors(t, entry={"transform": "test-head-scale", "options": {"factor": factor}})
+
+
+def test_validation_rule_absolute_for_fp32_relative_for_fp16(tmp_path, tiny_models):
+    """docs/ONNX.md §3: fp32 passes when max |logit diff| <= tol, fp16 when it is <= tol *
+    max(1, max |logit|). The file is checked against a reference whose head differs by 0.05%
+    (logits ~ 70), with a tol between diff / max|logit| and diff: the fp32 rule must fail, the
+    fp16 rule must pass."""
+    from rwkvtools.export.onnx import validate_onnx
+    ck = _scaled_head(tiny_models["5.2"], 40.0)
+    for dtype in ("fp32", "fp16"):
+        export(ck, tmp_path / f"{dtype}.onnx", mode="step", dtype=dtype, validate=False)
+    other = build_model(_scaled_head(ck, 1.0005))      # fp32 reference, logits 0.05% larger
+    probe = validate_onnx(str(tmp_path / "fp32.onnx"), other, "fp32", tol=1.0)["providers"]["CPUExecutionProvider"]
+    diff, top = probe["max_abs_logit_diff"], probe["max_abs_logit"]
+    assert top > 4 and 1e-3 < diff < 0.04               # the reference really differs, logits > 1
+    tol = 2 * diff / top                                 # diff / tol = top / 2 > 1 > diff / (tol * top)
+    r32 = validate_onnx(str(tmp_path / "fp32.onnx"), other, "fp32", tol=tol)
+    c32 = r32["providers"]["CPUExecutionProvider"]
+    assert c32["limit"] == tol and r32["passed"] is False and c32["passed"] is False
+    # the default tolerances: 1e-4 absolute for fp32 (the 0.05% head difference fails it), 5e-2 for fp16
+    d32 = validate_onnx(str(tmp_path / "fp32.onnx"), other, "fp32")
+    assert d32["tolerance"] == 1e-4 and d32["passed"] is False
+    assert validate_onnx(str(tmp_path / "fp16.onnx"), build_model(ck), "fp16")["tolerance"] == 5e-2
+    # fp16: the file's own fp16 rounding adds < 2e-2 of |logit| ~ 70; tol covers both
+    tol16 = (diff + 0.02 * top) / top
+    r16 = validate_onnx(str(tmp_path / "fp16.onnx"), other, "fp16", tol=tol16)
+    c16 = r16["providers"]["CPUExecutionProvider"]
+    assert c16["max_abs_logit"] > 4 and c16["limit"] == pytest.approx(tol16 * c16["max_abs_logit"])
+    assert c16["max_abs_logit_diff"] > tol16                   # would fail an absolute rule
+    assert r16["passed"] is True and c16["passed"] is True
+
+
+def test_logits_last_export_is_validated_against_the_last_position(tmp_path, tiny_models):
+    rep = export(tiny_models["5.2"], tmp_path / "last.onnx", mode="sequence", logits="last")
+    cpu = rep["validation"]["providers"]["CPUExecutionProvider"]
+    assert rep["published"] and rep["validation"]["passed"] and cpu["max_abs_logit_diff"] <= 1e-4
+
+
+def test_metadata_records_the_export_options(tmp_path, tiny_models):
+    """docs/ONNX.md: the metadata's mode, dtype, chunk_len (sequence graphs only) and logits are
+    those the file was exported with."""
+    def meta(path):
+        return json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["rwkvtools"])
+    ck = tiny_models["7"]
+    export(ck, tmp_path / "s.onnx", mode="step", validate=False)
+    export(ck, tmp_path / "q.onnx", mode="sequence", chunk_len=32, logits="last", validate=False)
+    export(ck, tmp_path / "h.onnx", mode="sequence", dtype="fp16", validate=False)
+    s, q, h = meta(tmp_path / "s.onnx"), meta(tmp_path / "q.onnx"), meta(tmp_path / "h.onnx")
+    assert (s["mode"], s["dtype"], s["chunk_len"], s["logits"]) == ("step", "fp32", None, "all")
+    assert (q["mode"], q["dtype"], q["chunk_len"], q["logits"]) == ("sequence", "fp32", 32, "last")
+    assert (h["mode"], h["dtype"], h["chunk_len"], h["logits"]) == ("sequence", "fp16", 16, "all")
+
+
+def test_export_onnx_refuses_bad_options_in_the_library(tmp_path, tiny_models):
+    """The checks of export_onnx itself (the CLI has its own Choice types in front of them)."""
+    ck = tiny_models["5.2"]
+    cases = [({"mode": "batch"}, "mode must be"), ({"dtype": "bf16"}, "dtype must be"),
+             ({"mode": "sequence", "chunk_len": 12}, "chunk length 12 is not supported"),
+             ({"mode": "sequence", "logits": "first"}, "logits must be"),
+             ({"opset": 16}, "opset 16 is not supported"), ({"tol": 0.0}, "tol must be a positive")]
+    for kw, msg in cases:
+        with pytest.raises(ExportError, match=msg):
+            export(ck, tmp_path / "o.onnx", **kw)
+    with pytest.raises(ExportError, match="must end in .onnx"):
+        export(ck, tmp_path / "o.bin")
+    assert os.listdir(tmp_path) == []
+
+
+def test_library_export_failing_validation_publishes_nothing(tmp_path, tiny_models):
+    """export_onnx itself (not only the CLI's staging) writes OUT only when validation passes."""
+    from rwkvtools.errors import GateError
+    out = tmp_path / "o.onnx"
+    with pytest.raises(GateError, match="validation failed"):
+        export(tiny_models["7"], out, tol=1e-12)
+    assert os.listdir(tmp_path) == []
+    rep = export(tiny_models["7"], out, tol=1e-12, raise_on_fail=False, external_data_threshold=1000)
+    assert rep["published"] is False and rep["validation"]["passed"] is False and rep["external_data"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_fp16_export_is_validated_against_the_fp32_model(tmp_path, tiny_models):
+    """docs/ONNX.md §3/§5: an fp16 file is judged against the fp32 torch model, and the report's
+    state differences measure the file's states against the reference's."""
+    from rwkvtools.export.onnx import compare_with_reference
+    ck = tiny_models["6"]
+    rep = export(ck, tmp_path / "h.onnx", mode="step", dtype="fp16")
+    got = rep["validation"]["providers"]["CPUExecutionProvider"]
+    om = OnnxModel(str(tmp_path / "h.onnx"))
+    vs32 = compare_with_reference(om, build_model(ck, dtype=torch.float32))
+    vs16 = compare_with_reference(om, build_model(ck, dtype=torch.float16))
+    assert vs32["max_abs_logit_diff"] != vs16["max_abs_logit_diff"]
+    assert got["max_abs_logit_diff"] == vs32["max_abs_logit_diff"]
+    assert got["state_max_rel_diff"] == vs32["state_max_rel_diff"]
+    # state differences: tiny for the right reference, large for one with another layer-0 key
+    t = dict(ck.tensors)
+    t["blocks.0.att.key.weight"] = t["blocks.0.att.key.weight"] * 1.5
+    other = build_model(ck.with_tensors(t, entry={"transform": "test-key", "options": {}}))
+    export(ck, tmp_path / "f.onnx", mode="step", validate=False)
+    om32 = OnnxModel(str(tmp_path / "f.onnx"))
+    same = compare_with_reference(om32, build_model(ck))["state_max_rel_diff"]
+    diff = compare_with_reference(om32, other)["state_max_rel_diff"]
+    assert set(same) == set(diff) == {"att_x", "ffn_x", "wkv"}
+    assert max(same.values()) <= 1e-5 and diff["wkv"] > 1e-3 and diff["ffn_x"] > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["step", "sequence"])
+def test_layer_norms_exact_when_the_residual_has_a_large_mean(tmp_path, tiny_models, mode):
+    """docs/ONNX.md §4: LayerNorm inputs are centred before onnxruntime's LayerNormalization,
+    whose one-pass variance loses the spread when the mean is large against it. Here ln0's bias
+    puts every channel of the residual stream near 300 (spread ~1): the file must still match
+    the torch model to 1e-4."""
+    ck = tiny_models["5.2"]
+    t = dict(ck.tensors)
+    t["blocks.0.ln0.bias"] = torch.full_like(t["blocks.0.ln0.bias"], 300.0)
+    ck = ck.with_tensors(t, entry={"transform": "test-offset", "options": {}})
+    model = build_model(ck)
+    out = tmp_path / "n.onnx"
+    export(ck, out, mode=mode, validate=False)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    toks = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(13)).numpy()
+    pieces = [toks] if mode == "sequence" else [toks[:, t:t + 1] for t in range(20)]
+    st, outs = zero_state(model, 2), []
+    for p in pieces:
+        lo, st = ort_run(sess, p, st)
+        outs.append(lo)
+    ref, _ = reference(model, pieces)
+    assert float((torch.from_numpy(np.concatenate(outs, 1)) - ref).abs().max()) <= 1e-4
+
+
+def test_external_data_only_when_the_weights_exceed_the_threshold(tmp_path, tiny_models):
+    """--external-data-threshold: weights go to OUT.data when they exceed that many bytes (not
+    when they equal it)."""
+    ck = tiny_models["5.2"]
+    nbytes = sum(v.numel() * v.element_size() for v in ck.tensors.values())     # all fp32 here
+    r = export(ck, tmp_path / "a.onnx", validate=False, external_data_threshold=nbytes)
+    assert r["external_data"] is False and not (tmp_path / "a.onnx.data").exists()
+    r = export(ck, tmp_path / "b.onnx", validate=False, external_data_threshold=nbytes - 1)
+    assert r["external_data"] is True and (tmp_path / "b.onnx.data").exists()
+
+
+def test_perplexity_refuses_a_last_logits_file(tmp_path, tiny_models):
+    """A --logits last file gives one position per call: perplexity needs all of them."""
+    from rwkvtools.validate import perplexity
+    export(tiny_models["7"], tmp_path / "last.onnx", mode="sequence", logits="last", validate=False)
+    with pytest.raises(RwkvToolsError, match="only the last position"):
+        perplexity(OnnxModel(str(tmp_path / "last.onnx")), list(range(40)), chunk_len=16)
+
+
+def _with_meta(tmp_path, tiny_models, change) -> str:
+    path = tmp_path / "m.onnx"
+    export(tiny_models["7"], path, mode="step", validate=False)
+    m = onnx.load(str(path))
+    for p in m.metadata_props:
+        if p.key == "rwkvtools":
+            meta = json.loads(p.value)
+            change(meta)
+            p.value = json.dumps(meta)
+    onnx.save(m, str(path))
+    return str(path)
+
+
+def test_onnx_model_refuses_metadata_with_a_layer_out_of_range(tmp_path, tiny_models):
+    def bad_layer(meta):
+        s = next(s for s in meta["states"] if s["name"] == "wkv.2")
+        s["layer"] = meta["n_layer"]                    # layers are 0..n_layer-1
+    with pytest.raises(RwkvToolsError, match="unreadable rwkvtools metadata.*'wkv.2' has group 'wkv' and layer 3"):
+        OnnxModel(_with_meta(tmp_path, tiny_models, bad_layer))
+
+
+def test_onnx_model_refuses_metadata_whose_state_size_differs_from_the_graph(tmp_path, tiny_models):
+    def wider(meta):
+        s = next(s for s in meta["states"] if s["name"] == "att_x.0")
+        s["shape"] = ["batch", s["shape"][1] + 1]
+    with pytest.raises(RwkvToolsError, match="unreadable rwkvtools metadata.*'att_x.0' has shape"):
+        OnnxModel(_with_meta(tmp_path, tiny_models, wider))
+
+
+def test_onnx_model_refuses_a_state_over_one_gib(tmp_path):
+    """init_state allocates the state the metadata describes: one over 1 GiB per sequence is
+    refused when the file is opened (a graph whose state input really has that size)."""
+    from onnx import helper
+    big = (1 << 28) + 1                                 # float32 values: just over 1 GiB
+    F32, I64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    nodes = [helper.make_node("Identity", ["state_in_s.0"], ["state_out_s.0"]),
+             helper.make_node("Cast", ["tokens"], ["tf"], to=F32),
+             helper.make_node("Unsqueeze", ["tf", "ax"], ["logits"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("tokens", I64, ["batch", 1]),
+                                       helper.make_tensor_value_info("state_in_s.0", F32, ["batch", big])],
+                          [helper.make_tensor_value_info("logits", F32, ["batch", 1, 1]),
+                           helper.make_tensor_value_info("state_out_s.0", F32, ["batch", big])],
+                          initializer=[helper.make_tensor("ax", I64, [1], [2])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    meta = {"format": "rwkvtools-onnx", "interface_version": 2, "mode": "step", "n_layer": 1, "vocab": 1,
+            "states": [{"name": "s.0", "group": "s", "layer": 0, "shape": ["batch", big], "dtype": "float32"}]}
+    helper.set_model_props(m, {"rwkvtools": json.dumps(meta)})
+    path = tmp_path / "big.onnx"
+    onnx.save(m, str(path))
+    with pytest.raises(RwkvToolsError, match="over 1 GiB"):
+        OnnxModel(str(path))
+    meta["states"][0]["shape"] = ["batch", big]
+    small = big // 4                                    # the same graph shape, under the limit: loads
+    m2 = onnx.load(str(path))
+    for vi in list(m2.graph.input) + list(m2.graph.output):
+        if vi.name.startswith("state_"):
+            vi.type.tensor_type.shape.dim[1].dim_value = small
+    meta["states"][0]["shape"] = ["batch", small]
+    helper.set_model_props(m2, {"rwkvtools": json.dumps(meta)})
+    onnx.save(m2, str(path))
+    assert OnnxModel(str(path)).states == [("s", [1, "batch", small])]
+
+
+def test_onnx_model_refuses_an_empty_token_sequence(tmp_path, tiny_models):
+    for mode in ("step", "sequence"):
+        export(tiny_models["5.2"], tmp_path / f"{mode}.onnx", mode=mode, validate=False)
+        with pytest.raises(ValueError, match="at least one position"):
+            OnnxModel(str(tmp_path / f"{mode}.onnx"))(torch.zeros((2, 0), dtype=torch.long))
+
+
+def test_onnx_model_refuses_a_graph_without_logits(tmp_path, tiny_models):
+    path = tmp_path / "m.onnx"
+    export(tiny_models["7"], path, mode="step", validate=False)
+    m = onnx.load(str(path))
+    for n in m.graph.node:
+        n.output[:] = ["scores" if o == "logits" else o for o in n.output]
+    for o in m.graph.output:
+        if o.name == "logits":
+            o.name = "scores"
+    onnx.save(m, str(path))
+    with pytest.raises(RwkvToolsError, match="unreadable rwkvtools metadata.*no 'logits' output"):
+        OnnxModel(str(path))

@@ -83,3 +83,27 @@ def test_name_output_copies_a_value_a_subgraph_reads_by_name():
     neg, y = sess.run(None, {"x": x})
     assert np.array_equal(neg, -x) and np.allclose(y, x - 2 * x)
 
+
+
+def test_name_output_twice_keeps_both_outputs():
+    """A value already named as a graph output and named again gets a copy: both outputs stay."""
+    g = GraphBuilder(17)
+    s = g.op("Add", "x", g.const(1.0))
+    g.name_output(s, "a")
+    g.name_output("a", "b")
+    m, sess = build(g, [value_info("x", FLOAT, [3])], [value_info(n, FLOAT, None) for n in ("a", "b")])
+    x = np.array([1.0, 2.0, 3.0], np.float32)
+    a, b = sess.run(None, {"x": x})
+    assert np.array_equal(a, x + 1) and np.array_equal(b, x + 1)
+
+
+def test_initializers_asked_for_under_one_name_get_distinct_names():
+    g = GraphBuilder(17)
+    w1 = g.tensor(np.full(3, 2.0, np.float32), name="w")
+    w2 = g.tensor(np.full(3, 5.0, np.float32), name="w")
+    assert w1 == "w" and w2 != "w"
+    g.op("Add", g.op("Mul", "x", w1), w2, out="y")
+    m, sess = build(g, [value_info("x", FLOAT, [3])], [value_info("y", FLOAT, None)])
+    assert len({t.name for t in m.graph.initializer}) == len(m.graph.initializer) == 2
+    x = np.array([1.0, 2.0, 3.0], np.float32)
+    assert np.array_equal(sess.run(None, {"x": x})[0], 2 * x + 5)

@@ -539,3 +539,21 @@ def test_fp16_model_of_quantized_checkpoint(tiny_models):
     l16, _ = build_model(out, dtype=torch.float16)(toks)
     l32, _ = build_model(out)(toks)
     assert torch.isfinite(l16).all() and max_rel(l16.float(), l32) < 2e-2
+
+
+def test_matmulnbits_accuracy_level_from_the_environment(tiny_models, tmp_path, monkeypatch):
+    """RWKVTOOLS_MATMULNBITS_ACCURACY sets MatMulNBits' accuracy_level (0..4); anything else is
+    refused before a file is written."""
+    import onnx
+    from rwkvtools.export import export_onnx
+    from rwkvtools.export.onnx import ExportError
+    q = quantize(tiny_models["7"], QuantizeConfig("int8", group_size=32))
+    monkeypatch.setenv("RWKVTOOLS_MATMULNBITS_ACCURACY", "4")
+    export_onnx(q, str(tmp_path / "a4.onnx"), mode="step", validate=False, progress=False)
+    nb = [n for n in onnx.load(str(tmp_path / "a4.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert nb and {a.i for n in nb for a in n.attribute if a.name == "accuracy_level"} == {4}
+    for bad in ("5", "-1", "fast", ""):
+        monkeypatch.setenv("RWKVTOOLS_MATMULNBITS_ACCURACY", bad)
+        with pytest.raises(ExportError, match="RWKVTOOLS_MATMULNBITS_ACCURACY must be 0..4"):
+            export_onnx(q, str(tmp_path / "bad.onnx"), mode="step", validate=False, progress=False)
+    assert not (tmp_path / "bad.onnx").exists()

@@ -71,6 +71,11 @@ def test_path_options_of_steps_expand_like_the_model(tmp_path, monkeypatch):
     (lambda d: d.update({"gates": {"max_ppl_increase": float("inf")}}), "needs a finite number, got inf"),
     (lambda d: d.update({"colour": "blue"}), "unknown top-level key"),
     (lambda d: d["steps"][0].update({"sweep": {"scheme": "int8"}}), "non-empty list"),
+    (lambda d: d["steps"][0]["quantize"].update({"clip": "yes"}), "option 'clip' is a flag: use true or false"),
+    (lambda d: d["steps"][0].update({"lowrank": {"rank": 0.5}}), "exactly one step kind expected"),
+    (lambda d: d["steps"][0].update({"sweep": {"group-size": [32, 64], "scheme": ["int8"]}}),
+     "sweep must name one option"),
+    (lambda d: d["eval"].update({"tokens": True}), "eval: 'tokens' must be int, got True"),
 ])
 def test_schema_errors_are_clear(tmp_path, mutate, match):
     doc = base()
@@ -114,6 +119,14 @@ def test_report_figures_equal_commands_by_hand(tmp_path):
                               "--max-tokens", "1024", "--json"])
     assert abs(json.loads(ev.output)["ppl"] - rep["stages"][1]["ppl"]) < 1e-9
     assert os.path.getsize(by_hand) == rep["stages"][1]["bytes"]
+    # the step's own check measured on the recipe's text and token budget: the same perplexities
+    # as the recipe's stages, and the recipe's logit_drift is the command's max |logit diff|
+    val = rep["stages"][1]["command_report"]["validation"]
+    assert val["eval_tokens"] == 1024
+    assert abs(val["ppl_before"] / rep["stages"][0]["ppl"] - 1) < 1e-4
+    assert abs(val["ppl_after"] / rep["stages"][1]["ppl"] - 1) < 1e-4
+    drift = val["logits_drift"]
+    assert drift["max_abs"] > drift["mean_abs"] > 0 and rep["stages"][1]["logit_drift"] == drift["max_abs"]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -129,6 +142,9 @@ def test_shipped_recipe_runs_with_gates(tmp_path, path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["passed"] is True
     assert pathlib.Path(rep["final"]).exists()
+    for s in rep["stages"]:
+        if s["kind"] == "heal":   # distilled from the recipe's source model, not from the previous stage
+            assert s["command_report"]["teacher"] == rep["source"]
 
 
 def test_stage_record_cut_short_is_run_again(tmp_path):
@@ -157,3 +173,39 @@ def test_eval_step_without_a_recipe_text_scores_the_packaged_held_out_text(tmp_p
     assert res.exit_code == 0, res.output[-2000:]
     src, ev = json.loads(res.stdout)["stages"]
     assert ev["kind"] == "eval" and abs(ev["ppl"] - src["ppl"]) < 1e-9
+
+
+def test_resume_only_when_options_and_output_are_unchanged(tmp_path):
+    """A finished stage is reused only for the same input, options and eval text and while its
+    output exists: other options, or a deleted output, run it again."""
+    doc = base(steps=[{"quantize": {"scheme": "int4", "group-size": 32}}])
+    out = tmp_path / "out"
+
+    def stage():
+        res = runner.invoke(main, ["recipe", "run", write(tmp_path, doc), "--out", str(out), "--json"])
+        assert res.exit_code == 0, res.output[-2000:]
+        return json.loads(res.stdout)["stages"][1]
+    first = stage()
+    assert first["resumed"] is False and stage()["resumed"] is True
+    doc["steps"][0]["quantize"]["group-size"] = 64
+    other = stage()
+    assert other["resumed"] is False and other["options"]["group-size"] == 64
+    assert other["bytes"] < first["bytes"]                   # half the int4 scales: really recomputed
+    os.remove(other["path"])
+    again = stage()
+    assert again["resumed"] is False and os.path.exists(again["path"])
+
+
+def test_a_sweep_continues_from_its_last_value(tmp_path):
+    doc = base(steps=[{"quantize": {"scheme": "int4"}, "sweep": {"group-size": [32, 64]}},
+                      {"eval": {"max-tokens": 1024}}])
+    res = runner.invoke(main, ["recipe", "run", write(tmp_path, doc), "--out", str(tmp_path / "out"), "--json"])
+    assert res.exit_code == 0, res.output[-2000:]
+    rep = json.loads(res.stdout)
+    src, g32, g64, ev = rep["stages"]
+    assert (g32["options"]["group-size"], g64["options"]["group-size"]) == (32, 64)
+    assert g32["input"] == g64["input"] == src["path"]       # every sweep value from the same input
+    assert ev["input"] == g64["path"] and rep["final"] == g64["path"]
+    from rwkvtools.io.safetensors_io import read_safetensors
+    stamp = read_safetensors(rep["final"]).manifest["recipe"]          # the final model names its recipe
+    assert stamp["name"] == "t" and stamp["spec"]["steps"] == doc["steps"]
