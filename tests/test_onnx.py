@@ -739,9 +739,10 @@ def test_onnx_model_refuses_metadata_with_a_layer_out_of_range(tmp_path, tiny_mo
 
 
 def test_onnx_model_refuses_metadata_whose_state_size_differs_from_the_graph(tmp_path, tiny_models):
-    def wider(meta):
-        s = next(s for s in meta["states"] if s["name"] == "att_x.0")
-        s["shape"] = ["batch", s["shape"][1] + 1]
+    def wider(meta):                                    # every layer's entry: only the graph disagrees
+        for s in meta["states"]:
+            if s["group"] == "att_x":
+                s["shape"] = ["batch", s["shape"][1] + 1]
     with pytest.raises(RwkvToolsError, match="unreadable rwkvtools metadata.*'att_x.0' has shape"):
         OnnxModel(_with_meta(tmp_path, tiny_models, wider))
 
@@ -799,3 +800,20 @@ def test_onnx_model_refuses_a_graph_without_logits(tmp_path, tiny_models):
     onnx.save(m, str(path))
     with pytest.raises(RwkvToolsError, match="unreadable rwkvtools metadata.*no 'logits' output"):
         OnnxModel(str(path))
+
+
+def test_onnx_model_refuses_metadata_whose_layers_of_a_state_differ(tmp_path, tiny_models):
+    """Only layer 0's entry used to be compared with the graph: another layer's entry could name
+    another size unnoticed. Every layer of a group must have the same shape (they are stacked),
+    and a layer may be listed once."""
+    def wider_layer_1(meta):
+        s = next(s for s in meta["states"] if s["name"] == "att_x.1")
+        s["shape"] = ["batch", s["shape"][1] + 1]
+    with pytest.raises(RwkvToolsError, match="unreadable rwkvtools metadata.*'att_x.1' has shape"):
+        OnnxModel(_with_meta(tmp_path, tiny_models, wider_layer_1))
+
+    def twice(meta):
+        s = next(s for s in meta["states"] if s["name"] == "att_x.1")
+        s["layer"] = 0
+    with pytest.raises(RwkvToolsError, match="unreadable rwkvtools metadata.*'att_x' lists layer 0 twice"):
+        OnnxModel(_with_meta(tmp_path, tiny_models, twice))

@@ -94,6 +94,11 @@ class OnnxModel:
                     raise ValueError(f"{self.n_layer} layers, but {len(entries)} state entries")
                 self.states.append((group, [self.n_layer] + list(e["shape"])))
                 self.parts[group] = [None] * self.n_layer
+            first = next(shp for g, shp in self.states if g == group)[1:]
+            if list(e["shape"]) != first:   # every layer of a group is stacked into one tensor
+                raise ValueError(f"state '{e['name']}' has shape {e['shape']}, other layers of '{group}' {first}")
+            if self.parts[group][layer] is not None:
+                raise ValueError(f"state '{group}' lists layer {layer} twice")
             self.parts[group][layer] = e["name"]
         for group, names in self.parts.items():
             if names is not None and None in names:
