@@ -15,6 +15,7 @@ Tolerances, as max|x - ref| / max(1, max|ref|) (conftest.max_rel):
   states are fp32 and keep the fp32 tolerance.
 """
 import os
+import shutil
 import subprocess
 import sys
 
@@ -353,6 +354,29 @@ def test_kernel_sources_are_found_and_packaged():
     setup = (REPO / "setup.py").read_text()
     for ext in {os.path.splitext(n)[1] for n in cuda.KERNEL_FILES}:
         assert f'"*{ext}"' in setup, f"setup.py does not ship kernels/*{ext}"
+
+
+def test_kernel_sources_are_found_in_an_installed_layout(tmp_path):
+    # pip install puts the sources in rwkvtools/kernels/ (package data, no __init__.py): kernel_dir
+    # must find them there, from a folder that is not the repository
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "rwkvtools", site / "rwkvtools", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "kernels", site / "rwkvtools" / "kernels")
+    p = subprocess.run([sys.executable, "-c", "from rwkvtools.ops import cuda; print(cuda.kernel_dir())"],
+                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(site / "rwkvtools" / "kernels")
+
+
+def test_repository_kernels_folder_does_not_shadow_a_kernels_package(tmp_path):
+    # transformers imports Hugging Face's `kernels` package; run from the repository root (python -m
+    # pytest, python -m rwkvtools), a kernels/__init__.py here would be imported in its place
+    other = tmp_path / "kernels"
+    other.mkdir()
+    (other / "__init__.py").write_text("WHO = 'installed'\n")
+    p = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.WHO)"], capture_output=True,
+                       text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert p.returncode == 0 and p.stdout.strip() == "installed", p.stdout + p.stderr
 
 
 def test_package_import_does_not_build_or_import_cuda():

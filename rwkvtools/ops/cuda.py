@@ -21,7 +21,6 @@ The same operators, built for the CPU from the same per-thread code, are the CPU
 from __future__ import annotations
 
 import contextlib
-import importlib.resources
 import logging
 import os
 import pathlib
@@ -50,19 +49,18 @@ def _log_once(key: str, level: int, msg: str, *args) -> None:
 
 
 def kernel_dir() -> pathlib.Path:
-    """Folder of the kernel sources: package data ``rwkvtools.kernels`` after ``pip install``,
-    else ``kernels/`` at the top of the repository (editable installs, a plain checkout)."""
-    try:
-        files = importlib.resources.files("rwkvtools.kernels")
-        if files.joinpath("wkv_cuda.cu").is_file():
-            return pathlib.Path(str(files))
-    except (ModuleNotFoundError, TypeError):
-        pass
-    repo = pathlib.Path(__file__).resolve().parents[2] / "kernels"
-    if (repo / "wkv_cuda.cu").is_file():
-        return repo
-    raise FileNotFoundError("rwkvtools kernel sources not found (neither package data rwkvtools.kernels "
-                            f"nor {repo})")
+    """Folder of the kernel sources: ``rwkvtools/kernels/`` after ``pip install`` (package data),
+    else ``kernels/`` at the top of the repository (editable installs, a plain checkout).
+
+    The repository's ``kernels/`` has no ``__init__.py`` on purpose: as a regular package it would
+    shadow any installed package named ``kernels`` (Hugging Face's, which transformers imports)
+    whenever the repository root is on ``sys.path`` (``python -m ...`` run from there)."""
+    pkg = pathlib.Path(__file__).resolve().parents[1]          # .../rwkvtools
+    for d in (pkg / "kernels", pkg.parent / "kernels"):
+        if (d / "wkv_cuda.cu").is_file():
+            return d
+    raise FileNotFoundError(f"rwkvtools kernel sources not found (neither {pkg / 'kernels'} "
+                            f"nor {pkg.parent / 'kernels'})")
 
 
 class _Lib:
