@@ -830,3 +830,67 @@ def test_python_convert_refuses_an_unknown_form_or_dtype(tmp_path, tiny_models):
     with pytest.raises(RwkvToolsError, match="--dtype must be one of"):
         convert(str(src), str(tmp_path / "a.pth"), dtype="fp8")
     assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]
+
+
+# ---------------------------------------------------------------------- writer options
+@pytest.mark.parametrize("dst,option,match", [
+    ("o.safetensors", "bogus=1", "safetensors writer has no option 'bogus'; its options: extra_metadata"),
+    ("o.bin", "bogus=1", "rwkvcpp writer has no option 'bogus'; its options: data_type"),
+    ("o.gguf", "bogus=1", "gguf writer has no option 'bogus'; its options: dtype"),
+    ("o", "bogus=1", "hf writer takes no options (bogus)"),
+    ("o.bin", "version=abc", "option 'version' must be an integer, got 'abc'"),
+    ("o.safetensors", "extra_metadata=5", "must be a JSON object of strings, got 5"),
+    ("o.safetensors", 'extra_metadata={"a": 1}', "must be a JSON object of strings"),
+    ("o.bin", "blocks=3", "rwkvcpp writer has no option 'blocks'"),       # Python only (quantize's blocks)
+    ("o.gguf", "blocks=[1]", "gguf writer has no option 'blocks'"),
+    ("o.bin", "progress=5", "no option 'progress' (use --progress)"),
+])
+def test_cli_bad_writer_option_is_a_clear_error_before_any_work(tmp_path, dst, option, match):
+    """Each was an internal error (TypeError/AttributeError inside the writer, after the work)."""
+    src = fixture_path("tiny-rwkv-7v0-834K.pth")
+    res = cli("convert", src, tmp_path / dst, "--writer-option", option, "--no-validate")
+    assert res.exit_code == 2, res.output
+    assert "error:" in res.output and match in res.output and "internal error" not in res.output, res.output
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_writer_options_reach_the_writer_with_their_kind(tmp_path):
+    import gguf
+    from safetensors import safe_open
+    src5 = fixture_path("tiny-rwkv-5v2-730K-FP32.bin")
+    res = cli("convert", src5, tmp_path / "m.bin", "--writer-option", "version=100", "--no-validate")
+    assert res.exit_code == 0, res.output
+    assert read_checkpoint(str(tmp_path / "m.bin")).manifest["source_format"]["version"] == 100
+    res = cli("convert", src5, tmp_path / "m.safetensors", "--writer-option", 'extra_metadata={"owner": "me"}',
+              "--no-validate")
+    assert res.exit_code == 0, res.output
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        assert f.metadata()["owner"] == "me"
+    # a string option keeps the command line's text (the value 5 was passed on as the int 5)
+    res = cli("convert", fixture_path("tiny-rwkv-7v0-834K.pth"), tmp_path / "m.gguf", "--writer-option", "name=5",
+              "--no-validate")
+    assert res.exit_code == 0, res.output
+    assert gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["general.name"].contents() == "5"
+
+
+def test_python_convert_refuses_an_unknown_writer_option_before_any_work(tmp_path):
+    with pytest.raises(RwkvToolsError, match="safetensors writer has no option 'form'; its options: extra_metadata"):
+        convert(fixture_path("tiny-rwkv-7v0-834K.pth"), str(tmp_path / "m.safetensors"), form="rnn")
+    with pytest.raises(RwkvToolsError, match="option 'version' must be an integer, got '101'"):
+        convert(fixture_path("tiny-rwkv-7v0-834K.pth"), str(tmp_path / "m.bin"), version="101")
+    assert os.listdir(tmp_path) == []
+
+
+def test_writer_option_table_matches_the_writers_signatures():
+    """WRITER_OPTIONS (+ the Python-only ones) names exactly each writer's keyword parameters."""
+    import inspect
+    from rwkvtools.io.gguf_io import write_gguf
+    from rwkvtools.io.hf import write_hf
+    from rwkvtools.io.pth import write_pth
+    from rwkvtools.io.writers import PYTHON_ONLY_OPTIONS, WRITER_OPTIONS
+    writers = {"pth": write_pth, "safetensors": write_safetensors, "rwkvcpp": write_rwkvcpp, "hf": write_hf,
+               "gguf": write_gguf}
+    assert set(writers) == set(WRITER_OPTIONS)
+    for fmt, fn in writers.items():
+        params = set(inspect.signature(fn).parameters) - {"ckpt", "path", "progress"}
+        assert params == set(WRITER_OPTIONS[fmt]) | set(PYTHON_ONLY_OPTIONS.get(fmt, ())), fmt

@@ -1,24 +1,21 @@
 """``rwkvtools convert``: formats, forms and dtypes, loss-free, checked after writing."""
 from __future__ import annotations
 
-import json
-
 import click
 
 from ..cli import handle_errors, main, UserError
+from ..io.writers import WRITER_OPTIONS
 from .common import finish, output_guard, print_summary, validation_options
 
 
 def _writer_options(pairs) -> dict:
+    """``--writer-option KEY=VALUE`` pairs as strings (the writer's option table gives each its kind)."""
     out = {}
     for p in pairs:
         if "=" not in p:
             raise UserError(f"--writer-option '{p}': expected KEY=VALUE")
         k, v = p.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
+        out[k.strip()] = v
     return out
 
 
@@ -40,7 +37,10 @@ def _writer_options(pairs) -> dict:
               default=None, help="GGUF only: quantize the large matrices (round to nearest, llama.cpp's bytes); "
                                  "embedding and head keep --dtype.")
 @click.option("--writer-option", "writer_opts", multiple=True, metavar="KEY=VALUE",
-              help="Extra option for the output format's writer (repeatable; VALUE is JSON or a string).")
+              help="Extra option for the output format's writer (repeatable). "
+                   + "; ".join(f"{fmt}: " + ", ".join(f"{k} ({kind})" for k, kind in opts.items())
+                               for fmt, opts in WRITER_OPTIONS.items() if opts)
+                   + ". Other formats take none.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: large models in a terminal).")
 @validation_options
 def convert(src, dst, to, fmt, dtype, rescale_every, cpp_type, quant, writer_opts, progress, **opts):
@@ -66,12 +66,12 @@ def convert(src, dst, to, fmt, dtype, rescale_every, cpp_type, quant, writer_opt
 
 def _convert(src, dst, to, fmt, dtype, rescale_every, cpp_type, writer_opts, progress, opts, quant=None):
     from ..io.atomic import staged_output
-    from ..io.writers import format_from_path
+    from ..io.writers import check_writer_options, format_from_path
     from ..transforms.convert import convert as do_convert
     fmt = fmt or format_from_path(dst)
     output_guard(src, dst, opts.get("force", False), {"--eval-text": opts.get("eval_text")},
                  opts.get("report"), fmt)
-    options = _writer_options(writer_opts)
+    options = check_writer_options(fmt, _writer_options(writer_opts), from_cli=True)
     if quant:
         if fmt != "gguf":
             raise UserError("--quant applies to GGUF output (.gguf or --format gguf); for rwkv.cpp use --rwkvcpp-type")

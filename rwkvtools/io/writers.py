@@ -1,6 +1,7 @@
 """Pick a writer from the output path (or an explicit format)."""
 from __future__ import annotations
 
+import json
 import os
 
 from ..checkpoint import Checkpoint
@@ -35,9 +36,10 @@ def write_checkpoint(ckpt: Checkpoint, path: str, format: str | None = None, **o
     .bin = rwkv.cpp, .gguf, no extension = Hugging Face folder). ``options`` go to the format's
     writer (rwkvcpp: data_type, blocks, base_type, version; gguf: its own; all: progress)."""
     fmt = format or format_from_path(path)
+    options = check_writer_options(fmt, options)
     if fmt == "pth":
         from .pth import write_pth
-        _no_options(fmt, options)
+        options.pop("progress", None)
         write_pth(ckpt, path)
     elif fmt == "safetensors":
         from .safetensors_io import write_safetensors
@@ -59,7 +61,59 @@ def write_checkpoint(ckpt: Checkpoint, path: str, format: str | None = None, **o
     return fmt
 
 
-def _no_options(fmt: str, options: dict) -> None:
-    options = {k: v for k, v in options.items() if k != "progress" and v is not None}
-    if options:
-        raise RwkvToolsError(f"the {fmt} writer takes no options ({', '.join(sorted(options))})")
+# What each format's writer takes as options, by kind of value: the options a user may give
+# (`convert --writer-option KEY=VALUE`, or keyword arguments of the Python `convert`). `blocks`
+# (precomputed quantized blocks) and `progress` are passed by rwkvtools itself, from Python only.
+WRITER_OPTIONS = {
+    "pth": {},
+    "safetensors": {"extra_metadata": "JSON object"},
+    "rwkvcpp": {"data_type": "string", "base_type": "string", "version": "integer"},
+    "hf": {},
+    "gguf": {"dtype": "string", "quant": "string", "embed_type": "string", "head_type": "string",
+             "tokenizer": "string", "vocab_file": "string", "name": "string"},
+}
+PYTHON_ONLY_OPTIONS = {"rwkvcpp": ("blocks",), "gguf": ("blocks",)}
+_KINDS = {"string": "a string", "integer": "an integer", "JSON object": "a JSON object of strings"}
+
+
+def check_writer_options(fmt: str, options: dict, from_cli: bool = False) -> dict:
+    """``options`` checked against what the ``fmt`` writer takes, before any work: an unknown name
+    or a value of the wrong kind is a :class:`RwkvToolsError` naming the writer's options (it was
+    an internal error inside the writer, after the conversion). ``from_cli``: the values are the
+    command line's strings (``KEY=VALUE``) and are turned into the option's kind; `blocks` and
+    `progress` are not command-line options. Returns the options with their values."""
+    known = WRITER_OPTIONS.get(fmt, {})
+    internal = () if from_cli else PYTHON_ONLY_OPTIONS.get(fmt, ()) + ("progress",)
+    out = {}
+    for key, value in options.items():
+        if key in internal:
+            out[key] = value
+            continue
+        if key not in known:
+            hint = " (use --progress)" if from_cli and key == "progress" else ""
+            if not known:
+                raise RwkvToolsError(f"the {fmt} writer takes no options ({key}){hint}")
+            raise RwkvToolsError(f"the {fmt} writer has no option '{key}'{hint}; its options: "
+                                 + ", ".join(f"{k} ({v})" for k, v in known.items()))
+        out[key] = _option_value(fmt, key, known[key], value, from_cli)
+    return out
+
+
+def _option_value(fmt: str, key: str, kind: str, value, from_cli: bool):
+    if from_cli and kind == "integer":
+        try:
+            value = int(value)
+        except ValueError:
+            pass
+    elif from_cli and kind == "JSON object":
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    ok = {"string": lambda v: isinstance(v, str),
+          "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "JSON object": lambda v: isinstance(v, dict) and all(isinstance(a, str) and isinstance(b, str)
+                                                          for a, b in v.items())}[kind]
+    if value is not None and not ok(value):
+        raise RwkvToolsError(f"the {fmt} writer's option '{key}' must be {_KINDS[kind]}, got {value!r}")
+    return value

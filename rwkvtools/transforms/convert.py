@@ -127,7 +127,7 @@ def convert(src_path: str, dst_path: str, to: str | None = None, format: str | N
     source's, else 0). ``writer_options`` go to the format's writer.
     Never overwrites SRC; refuses an existing DST unless ``force``; writes atomically."""
     from ..io import read_checkpoint
-    from ..io.writers import WRITABLE, format_from_path, write_checkpoint
+    from ..io.writers import WRITABLE, check_writer_options, format_from_path, write_checkpoint
     from . import prepare_for_model
     from .rnn_form import to_rnn
 
@@ -151,6 +151,7 @@ def convert(src_path: str, dst_path: str, to: str | None = None, format: str | N
         raise RwkvToolsError(f"the {fmt} format always stores {what}; --to {to} applies to .pth and .safetensors")
     if rescale_every is not None and rescale_every < 0:
         raise RwkvToolsError("--rescale-every must be >= 0")
+    writer_options = check_writer_options(fmt, writer_options)  # before any work
 
     t0 = time.perf_counter()
     src = read_checkpoint(src_path)
