@@ -39,6 +39,8 @@ def _encode_bytes(text: str, encoding: str) -> list[int]:
     except UnicodeEncodeError as e:
         raise RwkvToolsError(f"the text has characters the {encoding} encoding cannot store "
                              f"({text[e.start:e.end]!r} at character {e.start}); pick another --encoding") from None
+    except UnicodeError as e:  # codecs that refuse whole texts, not characters (idna: 'label empty or too long')
+        raise RwkvToolsError(f"the {encoding} encoding cannot encode the text ({e}); pick another --encoding") from None
 
 
 class Tokenizer:

@@ -39,6 +39,23 @@ def test_bad_encodings_are_clear_errors(tmp_path):
     assert os.listdir(tmp_path) == ["t.txt"]
 
 
+def test_encoding_that_refuses_the_whole_text_is_a_clear_error(tmp_path):
+    """--encoding idna raised a bare UnicodeError ('label empty or too long') on ordinary text: an
+    internal error (exit 2 with 'internal error (UnicodeError ...)')."""
+    with pytest.raises(RwkvToolsError, match="idna encoding cannot encode the text"):
+        Tokenizer("bytes", 256, encoding="idna").encode("hello world\n" * 10)
+    from click.testing import CliRunner
+
+    from conftest import fixture_path
+    from rwkvtools.cli import main
+    text = tmp_path / "t.txt"
+    text.write_text("hello world\n" * 10)
+    r = CliRunner().invoke(main, ["eval", fixture_path("tiny-rwkv-7v0-834K.pth"), "--text", str(text),
+                                  "--encoding", "idna"])
+    assert r.exit_code == 2 and "error: the idna encoding cannot encode" in r.output, r.output
+    assert "internal error" not in r.output and "Traceback" not in r.output, r.output
+
+
 def test_world_matches_chatrwkv_trie_tokenizer():
     """pyrwkv-tokenizer against ChatRWKV's own World tokenizer (test-only dependency)."""
     rwkv = pytest.importorskip("rwkv.rwkv_tokenizer")
