@@ -21,6 +21,22 @@ def _lora_dim(c: int, factor: float, mult: int = 32) -> int:
     return max(32, int(round(factor * math.sqrt(c) / mult) * mult))
 
 
+def _check_size(n_layer: int, n_embd: int, vocab: int, ffn_dim: int) -> None:
+    """Refuse, before anything is allocated, a model whose fp32 tensors alone (a lower bound: the
+    embedding, head, four time-mix and two channel-mix matrices per layer) exceed this machine's
+    memory; such sizes failed deep in the allocator or ran for hours layer by layer."""
+    params = 2 * vocab * n_embd + n_layer * (4 * n_embd * n_embd + 2 * n_embd * ffn_dim)
+    try:
+        import os
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        mem = 1 << 50
+    if 4 * params > mem:
+        raise RwkvToolsError(f"--layers {n_layer} --dim {n_embd} --vocab {vocab} --ffn-dim {ffn_dim}: at least "
+                             f"{params:,} parameters ({4 * params / 2**30:,.0f} GiB in fp32), more than this "
+                             f"machine's memory ({mem / 2**30:,.0f} GiB)")
+
+
 def random_checkpoint(version: str = "7", n_layer: int = 2, n_embd: int = 64, vocab: int = 256,
                       head_size: int = 16, ffn_dim: int | None = None, seed: int = 0,
                       init: str = "random", dtype=torch.float32) -> Checkpoint:
@@ -31,6 +47,11 @@ def random_checkpoint(version: str = "7", n_layer: int = 2, n_embd: int = 64, vo
         raise RwkvToolsError("init must be 'random' or 'trainer'")
     if n_layer < 1 or n_embd < 1 or vocab < 1:
         raise RwkvToolsError("layers, dim and vocab must be positive")
+    if version != "4" and head_size < 1:
+        raise RwkvToolsError(f"--head-size must be positive (got {head_size})")
+    if ffn_dim is not None and ffn_dim < 1:
+        raise RwkvToolsError(f"--ffn-dim must be positive (got {ffn_dim})")
+    _check_size(n_layer, n_embd, vocab, ffn_dim or 4 * n_embd)
     C = n_embd
     if version != "4" and C % head_size:
         raise RwkvToolsError(f"--dim {C} is not a multiple of --head-size {head_size}")

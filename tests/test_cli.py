@@ -54,6 +54,25 @@ def test_init_refuses_existing_file(tmp_path):
     assert out.read_bytes() == b"keep me"
 
 
+@pytest.mark.parametrize("opt,value,words", [
+    ("--head-size", "0", "--head-size must be positive"),      # was ZeroDivisionError
+    ("--head-size", "-1", "--head-size must be positive"),     # was a negative-dimension RuntimeError
+    ("--ffn-dim", "0", "--ffn-dim must be positive"),          # was ZeroDivisionError
+    ("--ffn-dim", "-1", "--ffn-dim must be positive"),         # was 'math domain error'
+    ("--dim", str(2**31), "more than this machine's memory"),  # was the allocator's RuntimeError
+    ("--vocab", str(10**12), "more than this machine's memory"),
+    ("--layers", str(10**12), "more than this machine's memory"),  # ran layer by layer until memory ran out
+])
+def test_init_bad_sizes_are_clear_errors(tmp_path, opt, value, words):
+    """Each was an internal error (or, for --layers, an endless run) instead of a clear message."""
+    args = {"--layers": "1", "--dim": "32", "--vocab": "16", "--head-size": "8"}
+    args[opt] = value
+    out = tmp_path / "m.safetensors"
+    res = run("init", out, "--version", "7", *[x for kv in args.items() for x in kv])
+    assert res.exit_code == 2 and "error:" in res.output and words in res.output, res.output
+    assert "internal error" not in res.output and not out.exists(), res.output
+
+
 def test_init_pth_loads_as_blinkdl(tmp_path):
     out = tmp_path / "m.pth"
     assert run("init", out, "--version", "7", "--layers", 2, "--dim", 32, "--vocab", 50, "--head-size", 8).exit_code == 0
