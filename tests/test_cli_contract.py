@@ -332,6 +332,30 @@ def test_dst_under_a_file_is_a_clear_error(ws, case):
     assert snapshot(ws) == before
 
 
+# a folder no file can be created in, whoever runs the tests (root included): /proc
+UNWRITABLE = "/proc/rwkvtools-no-such-folder"
+
+
+@pytest.mark.parametrize("where", ["empty DST", "DST in /proc", "--report in /proc"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_dst_or_report_where_nothing_can_be_written_is_a_clear_error(ws, case, where):
+    """DST '' and a DST or --report under /proc were internal errors (FileNotFoundError,
+    PermissionError at the first write); lowrank, recursive, quantize and heal wrote DST before
+    failing on the report."""
+    if "/proc" in where and not os.path.isdir("/proc"):
+        pytest.skip("no /proc here")
+    dst = "" if where == "empty DST" else ws / CASES[case][2]
+    if where == "DST in /proc":
+        dst = f"{UNWRITABLE}/{CASES[case][2]}"
+    extra = ["--report", f"{UNWRITABLE}/r.json"] if where.startswith("--report") else []
+    if where.startswith("--report") and CASES[case][0] == "init":
+        pytest.skip("init has no --report")
+    before = snapshot(ws)
+    res = invoke(args_for(case, ws, dst, *extra))
+    assert_user_error(res, "empty path" if where == "empty DST" else "cannot create files in /proc")
+    assert snapshot(ws) == before
+
+
 def test_existing_file_where_a_folder_goes_is_a_clear_error(ws):
     dst = ws / "out"
     dst.write_bytes(b"keep me")
@@ -517,6 +541,19 @@ def test_recipe_run_outputs_never_hit_the_model(ws, tmp_path, where):
     res = invoke(["recipe", "run", r, "--out", out, *extra])
     assert_user_error(res)
     assert snapshot(ws) == before
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["--out ''", "--out in /proc", "--summary in /proc"])
+def test_recipe_run_outputs_where_nothing_can_be_written_are_refused_first(ws, tmp_path, where):
+    """Were internal errors (FileNotFoundError); --summary in /proc only after every step had run."""
+    if "/proc" in where and not os.path.isdir("/proc"):
+        pytest.skip("no /proc here")
+    r = _recipe(tmp_path / "r.yaml", ws / "src.safetensors", [{"quantize": {"scheme": "int8", "no-validate": True}}])
+    out = {"--out ''": "", "--out in /proc": UNWRITABLE}.get(where, tmp_path / "out")
+    extra = ["--summary", f"{UNWRITABLE}/summary.md"] if where.startswith("--summary") else []
+    res = invoke(["recipe", "run", r, "--out", out, *extra])
+    assert_user_error(res, "empty path" if "''" in where else "cannot create files in /proc")
     assert not (tmp_path / "out").exists()
 
 

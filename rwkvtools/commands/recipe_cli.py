@@ -84,9 +84,18 @@ def _guard(r, model, out_dir, summary) -> None:
     """Before anything runs: --out is a folder that is not (in) the model folder, and --summary
     is none of the inputs (model, recipe, evaluation text)."""
     from ..cli import UserError
-    from ..io.paths import clash
+    from ..errors import RwkvToolsError
+    from ..io.paths import check_place, clash
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out {out_dir} is a file; give a folder for the artifacts and reports")
+    if not str(out_dir).strip():
+        raise UserError("--out is an empty path; give a folder for the artifacts and reports")
+    try:  # places where files can be made (not under a file, not in /proc, not read-only)
+        check_place(os.path.join(out_dir, "report.json"), "--out")
+        if summary:  # an empty --summary (an unset $GITHUB_STEP_SUMMARY) writes no table, as before
+            check_place(summary, "--summary")
+    except RwkvToolsError as e:
+        raise UserError(str(e)) from None
     inputs = {"model": model, "recipe": r.path, "eval text": r.eval.get("text")}
     inputs = {k: p for k, p in inputs.items() if p and os.path.exists(p)}
     if "model" in inputs:

@@ -36,12 +36,23 @@ def clash(out: str, inp: str, label: str = "", out_is_folder: bool = False) -> s
 
 
 def check_place(path: str, what: str) -> None:
-    """The nearest existing folder above ``path`` must be a folder (not a file)."""
+    """``path`` is not empty, and the nearest existing folder above it is a folder (not a file)
+    in which a file can be created (tried: permission bits say nothing to root, nor about
+    /proc, /sys or a read-only mount)."""
+    if not str(path).strip():
+        raise RwkvToolsError(f"{what} is an empty path; give a file name")
     d = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(d):
         d = os.path.dirname(d)
     if not os.path.isdir(d):
         raise RwkvToolsError(f"{what} {path}: {d} is a file, not a folder")
+    import tempfile
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".rwkvtools-probe-", dir=d)
+    except OSError as e:
+        raise RwkvToolsError(f"{what} {path}: cannot create files in {d} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def output_guard(src: str | None, dst: str, force: bool, inputs: dict | None = None,
@@ -51,6 +62,8 @@ def output_guard(src: str | None, dst: str, force: bool, inputs: dict | None = N
     teacher or a text); checked: DST (see ``clash``; a folder DST for the hf format, else a
     file) and ``report`` (neither an input nor DST, nor inside an input folder or DST).
     ``fmt``: DST's format (default: from its name)."""
+    if not str(dst).strip():
+        raise RwkvToolsError("DST is an empty path; give a file or folder name")
     if fmt is None:
         from .writers import format_from_path
         fmt = format_from_path(dst)
