@@ -71,6 +71,24 @@ class FiniteFloat(click.ParamType):
 FINITE_FLOAT = FiniteFloat()
 
 
+class Seed(click.ParamType):
+    """A random seed torch accepts: an integer from -2**63 to 2**64 - 1 (beyond, manual_seed
+    raised 'Overflow when unpacking long long')."""
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        try:
+            v = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a valid integer", param, ctx)
+        if not -2**63 <= v < 2**64:
+            self.fail(f"{value}: a seed must lie between -2**63 and 2**64 - 1", param, ctx)
+        return v
+
+
+SEED = Seed()
+
+
 def emit_json(obj) -> None:
     from .io.atomic import json_text
     click.echo(json_text(obj))
@@ -203,7 +221,7 @@ def _eval(model, text, tokenizer, tokenizer_file, encoding, max_tokens, chunk_le
 @click.option("--vocab", type=int, required=True)
 @click.option("--head-size", type=int, default=64, show_default=True)
 @click.option("--ffn-dim", type=int, default=None, help="Default: 4*dim (v4, v7), 3.5*dim rounded to 32 (v5, v6).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--init", "init_kind", type=click.Choice(["random", "trainer"]), default="random", show_default=True,
               help="trainer: the official trainers' scheme (zero matrices included); random: same scales, no zeros.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)

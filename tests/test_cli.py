@@ -73,6 +73,20 @@ def test_init_bad_sizes_are_clear_errors(tmp_path, opt, value, words):
     assert "internal error" not in res.output and not out.exists(), res.output
 
 
+@pytest.mark.parametrize("seed", [str(-2**63 - 1), str(2**64)])
+@pytest.mark.parametrize("command", ["init", "recursive", "heal"])
+def test_seed_outside_torchs_range_is_refused_while_parsing(tmp_path, command, seed):
+    """Was an internal error ('Overflow when unpacking long long' from torch.manual_seed)."""
+    out = tmp_path / "out.safetensors"
+    src = fixture_path("tiny-rwkv-5v2-730K-FP32.bin")
+    args = {"init": ["init", out, "--version", "7", "--layers", 1, "--dim", 32, "--vocab", 16, "--head-size", 8],
+            "recursive": ["recursive", src, out, "--blocks", 6, "--lora-rank", 2, "--no-validate"],
+            "heal": ["heal", tmp_path / "absent.safetensors", out, "--teacher", src]}[command]
+    res = run(*args, "--seed", seed)
+    assert res.exit_code == 2 and "a seed must lie between -2**63 and 2**64 - 1" in res.output, res.output
+    assert "internal error" not in res.output and not out.exists(), res.output
+
+
 def test_init_pth_loads_as_blinkdl(tmp_path):
     out = tmp_path / "m.pth"
     assert run("init", out, "--version", "7", "--layers", 2, "--dim", 32, "--vocab", 50, "--head-size", 8).exit_code == 0

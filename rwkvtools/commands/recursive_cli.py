@@ -8,7 +8,7 @@ import time
 
 import click
 
-from ..cli import FINITE_FLOAT, UserError, handle_errors, main
+from ..cli import FINITE_FLOAT, SEED, UserError, handle_errors, main
 from .common import finish, output_guard, print_summary, run_validation, validation_options
 
 
@@ -59,7 +59,7 @@ def _writable_format(dst: str, merged: bool) -> str:
               help="Calibration text for --lora-method whiten (default: the packaged calibration text, disjoint "
                    "from the default held-out text).")
 @click.option("--calib-tokens", type=int, default=8192, show_default=True, help="Calibration tokens to use.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed of the random LoRA rows given to directions with no energy.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: in a terminal).")
 @validation_options
@@ -200,7 +200,7 @@ def _recursive(src, dst, opts):
 @click.option("--lm-weight", type=FINITE_FLOAT, default=0.0, show_default=True,
               help="Add this times the language-model loss to the KL divergence.")
 @click.option("--temperature", type=FINITE_FLOAT, default=1.0, show_default=True, help="Distillation temperature.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed (the run is deterministic for it).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed (the run is deterministic for it).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar with loss and tokens/s on stderr (default: in a terminal).")
 @validation_options
