@@ -356,6 +356,19 @@ def test_dst_or_report_where_nothing_can_be_written_is_a_clear_error(ws, case, w
     assert snapshot(ws) == before
 
 
+@pytest.mark.parametrize("value", ["0", "-1"])
+@pytest.mark.parametrize("case", ["convert-safetensors", "lowrank-safetensors", "recursive-safetensors",
+                                  "quantize-int8-safetensors", "heal-safetensors"])
+def test_eval_tokens_below_two_is_refused_while_parsing(ws, case, value):
+    """--eval-tokens 0 scored the whole held-out text and -1 all of it but the last token (a
+    Python slice), both with exit 0."""
+    dst = ws / CASES[case][2]
+    before = snapshot(ws)
+    res = invoke(args_for(case, ws, dst, "--eval-tokens", value, "--device", "cpu"))
+    assert res.exit_code == 2 and "--eval-tokens" in res.output and "must be at least 2" in res.output, res.output
+    assert snapshot(ws) == before
+
+
 def test_existing_file_where_a_folder_goes_is_a_clear_error(ws):
     dst = ws / "out"
     dst.write_bytes(b"keep me")

@@ -26,7 +26,8 @@ def validation_options(fn):
     opts = [
         click.option("--eval-text", type=click.Path(), default=None,
                      help="Held-out text for perplexity before/after (default: the packaged held-out text)."),
-        click.option("--eval-tokens", type=int, default=4096, show_default=True, help="Tokens of it to score."),
+        click.option("--eval-tokens", type=int, default=4096, show_default=True, callback=_eval_tokens,
+                     help="Tokens of it to score (at least 2)."),
         click.option("--tokenizer", type=click.Choice(["auto", "bytes", "world", "neox"]), default="auto",
                      show_default=True),
         click.option("--encoding", default="utf-8", show_default=True, callback=encoding_option,
@@ -45,6 +46,14 @@ def validation_options(fn):
     for o in reversed(opts):
         fn = o(fn)
     return fn
+
+
+def _eval_tokens(ctx, param, value):
+    """--eval-tokens: a count of at least 2 (perplexity needs a prediction). 0 scored the whole
+    text and a negative N all but its last |N| tokens (a Python slice)."""
+    if value is not None and value < 2:
+        raise click.BadParameter(f"{value}: must be at least 2")
+    return value
 
 
 def write_report(report: dict, path: str | None) -> None:
