@@ -146,3 +146,13 @@ def test_cli_heal(tmp_path):
     assert r.exit_code == 2 and "error:" in r.output
     r = CliRunner().invoke(main, args + ["--force", "--max-ppl-increase", "-99"])  # gate vs the teacher
     assert r.exit_code == 1 and "FAIL" in r.output
+
+
+def test_batch_larger_than_the_texts_windows_is_refused():
+    # 100 tokens give 3 windows of 32: a batch of 4 would repeat windows (--batch-size 10**12 built
+    # shuffled orders of the 3 windows until memory ran out); 3 trains
+    t = _ck("7")
+    with pytest.raises(HealError, match="--batch-size 4 is more than the 3 windows of --seq-len 32"):
+        heal(t, t, _toks(100), HealConfig(tokens=64, seq_len=32, batch_size=4, train="all"))
+    out, _ = heal(t, t, _toks(100), HealConfig(tokens=64, seq_len=32, batch_size=3, train="all"))
+    assert out.tensors.keys() == t.tensors.keys()

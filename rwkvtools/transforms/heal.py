@@ -262,6 +262,9 @@ def heal(student: Checkpoint, teacher: Checkpoint, train_tokens, config: HealCon
     n_win = (toks.numel() - 1) // T
     if n_win < 1:
         raise HealError(f"the training text gives {toks.numel()} tokens; --seq-len {T} needs at least {T + 1}")
+    if B > n_win:  # a batch repeats no window (a huge --batch-size looped on shuffles until memory ran out)
+        raise HealError(f"--batch-size {B} is more than the {n_win} windows of --seq-len {T} tokens in the "
+                        f"training text; use at most {n_win}, a longer --text or a shorter --seq-len")
 
     torch.manual_seed(cfg.seed)
     raw = src.tensors
