@@ -173,6 +173,12 @@ def load_recipe(path: str) -> Recipe:
             raw = yaml.safe_load(f)
     except FileNotFoundError:
         raise RecipeError(f"{path}: no such recipe file") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{path}: is a folder; give a recipe file (YAML)") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not a recipe: a recipe is UTF-8 YAML text ({e})") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):

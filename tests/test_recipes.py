@@ -209,3 +209,24 @@ def test_a_sweep_continues_from_its_last_value(tmp_path):
     from rwkvtools.io.safetensors_io import read_safetensors
     stamp = read_safetensors(rep["final"]).manifest["recipe"]          # the final model names its recipe
     assert stamp["name"] == "t" and stamp["spec"]["steps"] == doc["steps"]
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"\xff\xfe\x00\x01" * 50, "not a recipe: a recipe is UTF-8 YAML text"),
+    ("name: caf\u00e9\nsteps:\n  - quantize: {scheme: int8}\n".encode("latin-1"), "UTF-8 YAML text"),
+    (None, "is a folder; give a recipe file"),
+], ids=["binary", "latin-1", "folder"])
+def test_unreadable_recipe_file_is_a_clear_error(tmp_path, content, match):
+    """A recipe that is not UTF-8 text (e.g. a model given by mistake) or a folder was an internal
+    error (UnicodeDecodeError / IsADirectoryError)."""
+    p = tmp_path / "r.yaml"
+    if content is None:
+        p.mkdir()
+    else:
+        p.write_bytes(content)
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(str(p))
+    for args in (["recipe", "check", str(p)], ["recipe", "run", str(p), "--out", str(tmp_path / "out")]):
+        res = runner.invoke(main, args)
+        assert res.exit_code == 2 and "error:" in res.output and "internal error" not in res.output, res.output
+    assert not (tmp_path / "out").exists()
