@@ -149,6 +149,13 @@ def _check_value(where: str, cmd, opt: str, value):
             raise RecipeError(f"{where}: option '{opt}' = {v!r}: {e.format_message()}") from None
 
 
+def _names(where: str, mapping: dict, what: str) -> None:
+    """Keys YAML read as something other than text (1:, true:, null:) name nothing."""
+    for k in mapping:
+        if not isinstance(k, str):
+            raise RecipeError(f"{where}: {what} {k!r} is not a name; write it as text")
+
+
 def _check_gates(where: str, gates, provided: set[str]) -> dict:
     if gates is None:
         return {}
@@ -183,6 +190,7 @@ def load_recipe(path: str) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with keys {', '.join(sorted(TOP_KEYS))}")
+    _names(path, raw, "top-level key")
     extra = set(raw) - TOP_KEYS
     if extra:
         raise RecipeError(f"{path}: unknown top-level key(s) {', '.join(sorted(extra))}; allowed: {', '.join(sorted(TOP_KEYS))}")
@@ -217,6 +225,7 @@ def load_recipe(path: str) -> Recipe:
         if not isinstance(opts, dict):
             raise RecipeError(f"{where}: options must be a mapping of option name to value")
         cmd = _command(kind)
+        _names(where, opts, "option")
         opts = dict(opts)
         for k, v in opts.items():
             _check_value(where, cmd, k, v)
@@ -227,6 +236,7 @@ def load_recipe(path: str) -> Recipe:
             if not isinstance(sw, dict) or len(sw) != 1:
                 raise RecipeError(f"{where}: sweep must name one option with a list of values, e.g. sweep: {{rank: [0.9, 0.5]}}")
             (sk, sv), = sw.items()
+            _names(where + " sweep", sw, "option")
             if not isinstance(sv, list) or not sv:
                 raise RecipeError(f"{where}: sweep '{sk}' needs a non-empty list of values")
             for v in sv:

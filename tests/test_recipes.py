@@ -230,3 +230,25 @@ def test_unreadable_recipe_file_is_a_clear_error(tmp_path, content, match):
         res = runner.invoke(main, args)
         assert res.exit_code == 2 and "error:" in res.output and "internal error" not in res.output, res.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text,match", [
+    ("1: 2\n", "top-level key 1 is not a name"),
+    ("1: 2\ncolour: blue\n", "top-level key 1 is not a name"),
+    ("", "option 1 is not a name"),
+    ("", "sweep: option 1 is not a name"),
+], ids=["top", "top-mixed", "option", "sweep"])
+def test_keys_that_are_not_text_are_refused(tmp_path, text, match):
+    """YAML keys read as numbers (1: 2) at the top, among a step's options or as the sweep's option
+    were internal errors (TypeError joining/sorting the names, AttributeError on int.replace)."""
+    steps = "steps:\n  - quantize: {scheme: int8}\n"
+    if "sweep" in match:
+        steps = "steps:\n  - quantize: {scheme: int8}\n    sweep: {1: [1, 2]}\n"
+    elif "option" in match:
+        steps = "steps:\n  - quantize: {scheme: int8, 1: 2}\n"
+    p = tmp_path / "r.yaml"
+    p.write_text(f"model: {fixture_path('tiny-rwkv-5v2-730K-FP32.bin')}\n" + steps + text)
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(str(p))
+    res = runner.invoke(main, ["recipe", "check", str(p)])
+    assert res.exit_code == 2 and "error:" in res.output and "internal error" not in res.output, res.output
