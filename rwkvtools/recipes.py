@@ -143,8 +143,10 @@ def _check_value(where: str, cmd, opt: str, value):
     for v in values:
         if isinstance(v, (dict, list)):
             raise RecipeError(f"{where}: option '{opt}' takes a single value, not {type(v).__name__}")
-        try:
-            p.type.convert(v, p, None)
+        if v is None or isinstance(v, bool):
+            raise RecipeError(f"{where}: option '{opt}' needs a value, not {'null' if v is None else str(v).lower()}")
+        try:  # as the command line will receive it (the step runs with str(value))
+            p.type.convert(str(v), p, None)
         except click.BadParameter as e:
             raise RecipeError(f"{where}: option '{opt}' = {v!r}: {e.format_message()}") from None
 

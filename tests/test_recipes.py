@@ -252,3 +252,24 @@ def test_keys_that_are_not_text_are_refused(tmp_path, text, match):
         load_recipe(str(p))
     res = runner.invoke(main, ["recipe", "check", str(p)])
     assert res.exit_code == 2 and "error:" in res.output and "internal error" not in res.output, res.output
+
+
+@pytest.mark.parametrize("value,match", [
+    (None, "option 'calib-tokens' needs a value, not null"),
+    (float("inf"), "option 'calib-tokens' = inf: .*not a valid integer"),
+    (256.7, "option 'calib-tokens' = 256.7: .*not a valid integer"),
+    (True, "option 'calib-tokens' needs a value, not true"),
+], ids=["null", "inf", "float", "bool"])
+def test_step_option_values_are_checked_as_the_command_gets_them(tmp_path, value, match):
+    """calib-tokens: null or .inf was an internal error (TypeError / OverflowError in click's int
+    type); 256.7 and true passed `recipe check` (click's int() took them) and the stage then failed
+    on the command line it was given ('256.7', 'True'). Also as a sweep value."""
+    doc = base(steps=[{"quantize": {"scheme": "int4", "method": "gptq", "calib-tokens": value}}])
+    path = write(tmp_path, doc)
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(path)
+    res = runner.invoke(main, ["recipe", "check", path])
+    assert res.exit_code == 2 and "error:" in res.output and "internal error" not in res.output, res.output
+    doc = base(steps=[{"quantize": {"scheme": "int4", "method": "gptq"}, "sweep": {"calib-tokens": [256, value]}}])
+    with pytest.raises(RecipeError, match=match.replace("option", "sweep: option")):
+        load_recipe(write(tmp_path, doc))
