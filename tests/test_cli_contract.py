@@ -600,3 +600,13 @@ def test_recipe_run_stops_on_ctrl_c(ws, tmp_path, monkeypatch, first):
     res = invoke(["recipe", "run", r, "--out", out])
     assert res.exit_code == 1 and "Aborted" in res.output, res.output
     assert out.is_dir() and os.listdir(out) == []
+
+
+def test_recipe_run_summary_that_is_a_folder_is_refused_first(ws, tmp_path):
+    """--summary FOLDER was an internal error (IsADirectoryError) after every step had run."""
+    r = _recipe(tmp_path / "r.yaml", ws / "src.safetensors", [{"quantize": {"scheme": "int8", "no-validate": True}}])
+    (tmp_path / "sums").mkdir()
+    res = invoke(["recipe", "run", r, "--out", tmp_path / "out", "--summary", tmp_path / "sums"])
+    assert_user_error(res, "sums is a folder; give a file to append the table to")
+    assert not (tmp_path / "out").exists()
+    assert list((tmp_path / "sums").iterdir()) == []

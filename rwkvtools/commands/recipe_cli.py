@@ -93,6 +93,8 @@ def _guard(r, model, out_dir, summary) -> None:
     try:  # places where files can be made (not under a file, not in /proc, not read-only)
         check_place(os.path.join(out_dir, "report.json"), "--out")
         if summary:  # an empty --summary (an unset $GITHUB_STEP_SUMMARY) writes no table, as before
+            if os.path.isdir(summary):
+                raise UserError(f"--summary {summary} is a folder; give a file to append the table to")
             check_place(summary, "--summary")
     except RwkvToolsError as e:
         raise UserError(str(e)) from None
