@@ -175,6 +175,21 @@ def _check_gates(where: str, gates, provided: set[str]) -> dict:
     return dict(gates)
 
 
+def _check_eval(path: str, ev: dict) -> None:
+    """The values the stages are measured with, checked as `rwkvtools eval` checks its options
+    (a run found them only after measuring the source, or scored the whole text for tokens 0)."""
+    from .tokenizer import TOKENIZERS, check_encoding
+    if "tokens" in ev and ev["tokens"] < 2:
+        raise RecipeError(f"{path}: eval: 'tokens' must be at least 2 (perplexity needs a prediction), got {ev['tokens']}")
+    if "tokenizer" in ev and ev["tokenizer"] not in TOKENIZERS:
+        raise RecipeError(f"{path}: eval: unknown tokenizer '{ev['tokenizer']}'; known: {', '.join(TOKENIZERS)}")
+    if "encoding" in ev:
+        try:
+            check_encoding(ev["encoding"])
+        except RwkvToolsError as e:
+            raise RecipeError(f"{path}: eval: 'encoding' {str(e).split(': ', 1)[-1]}") from None
+
+
 def load_recipe(path: str) -> Recipe:
     """Parse and validate a recipe file; every error names the step, the option and what is allowed."""
     try:
@@ -205,6 +220,7 @@ def load_recipe(path: str) -> Recipe:
             raise RecipeError(f"{path}: eval: unknown key '{k}'; allowed: {', '.join(EVAL_KEYS)}")
         if not isinstance(v, EVAL_KEYS[k]) or isinstance(v, bool):
             raise RecipeError(f"{path}: eval: '{k}' must be {EVAL_KEYS[k].__name__}, got {v!r}")
+    _check_eval(path, ev)
     ev = dict(ev)
     if "text" in ev:
         ev["text"] = expand(ev["text"], base)

@@ -273,3 +273,24 @@ def test_step_option_values_are_checked_as_the_command_gets_them(tmp_path, value
     doc = base(steps=[{"quantize": {"scheme": "int4", "method": "gptq"}, "sweep": {"calib-tokens": [256, value]}}])
     with pytest.raises(RecipeError, match=match.replace("option", "sweep: option")):
         load_recipe(write(tmp_path, doc))
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("tokens", 0, "eval: 'tokens' must be at least 2"),
+    ("tokens", 1, "eval: 'tokens' must be at least 2"),
+    ("tokens", -5, "eval: 'tokens' must be at least 2"),
+    ("tokenizer", "bogus", "eval: unknown tokenizer 'bogus'; known: auto"),
+    ("encoding", "bogus", "eval: 'encoding' unknown encoding: bogus"),
+], ids=["tokens0", "tokens1", "tokens-5", "tokenizer", "encoding"])
+def test_eval_values_are_checked_with_the_recipe(tmp_path, key, value, match):
+    """recipe check passed them; recipe run then failed measuring the source ('perplexity needs at
+    least 2 tokens, the text gives 0' for tokens 0; tokens -5 scored all but the last 5 tokens of
+    the text, then every stage failed on --eval-tokens -5)."""
+    doc = base()
+    doc["eval"][key] = value
+    path = write(tmp_path, doc)
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(path)
+    res = runner.invoke(main, ["recipe", "run", path, "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "error:" in res.output and "internal error" not in res.output, res.output
+    assert not (tmp_path / "out").exists()
