@@ -817,3 +817,15 @@ def test_onnx_model_refuses_metadata_whose_layers_of_a_state_differ(tmp_path, ti
         s["layer"] = 0
     with pytest.raises(RwkvToolsError, match="unreadable rwkvtools metadata.*'att_x' lists layer 0 twice"):
         OnnxModel(_with_meta(tmp_path, tiny_models, twice))
+
+
+@pytest.mark.parametrize("threshold", ["0", "2000000000"], ids=["external", "inline"])
+def test_report_on_the_external_data_file_is_refused(tmp_path, threshold):
+    """--report OUT.onnx.data exited 0 without a report: with external weights they overwrote it,
+    without them the stale companion was removed with the report in it."""
+    out = tmp_path / "x.onnx"
+    r = runner.invoke(main, ["export-onnx", str(fixture_path("tiny-rwkv-7v0-834K.pth")), str(out),
+                             "--external-data-threshold", threshold, "--report", str(out) + ".data", "--no-validate"])
+    assert r.exit_code == 2, r.output
+    assert "error: --report" in r.output and "external weights" in r.output and "internal error" not in r.output
+    assert list(tmp_path.iterdir()) == []

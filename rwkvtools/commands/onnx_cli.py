@@ -74,6 +74,9 @@ def _export(src, out, mode, dtype, opset, chunk_len, logits, linear_op, no_valid
     from .common import output_guard, write_report
     output_guard(src, out, force, report=report_path, fmt="onnx")
     output_guard(src, out + ".data", force, fmt="onnx")  # where external weights go
+    if report_path and os.path.realpath(os.path.abspath(report_path)) == os.path.realpath(os.path.abspath(out + ".data")):
+        raise UserError(f"--report {report_path} is where OUT's external weights go ({os.path.basename(out)}.data); "
+                        "choose another report path")
     if not str(out).endswith(".onnx"):
         raise UserError(f"{out}: the output file name must end in .onnx")
     if threshold < 0:
