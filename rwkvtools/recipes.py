@@ -16,7 +16,7 @@ Schema (see recipes/*.yaml)::
     steps:
       - lowrank: {rank: 0.32, method: whiten}
         gates: {max_ppl_increase: 10}                                  # this stage vs its input
-      - quantize: {scheme: int8}
+      - quantize: {scheme: int4}
         sweep: {group-size: [32, 64]}                                  # optional: one option, a list
 """
 from __future__ import annotations

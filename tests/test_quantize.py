@@ -557,3 +557,18 @@ def test_matmulnbits_accuracy_level_from_the_environment(tiny_models, tmp_path, 
         with pytest.raises(ExportError, match="RWKVTOOLS_MATMULNBITS_ACCURACY must be 0..4"):
             export_onnx(q, str(tmp_path / "bad.onnx"), mode="step", validate=False, progress=False)
     assert not (tmp_path / "bad.onnx").exists()
+
+
+@pytest.mark.parametrize("scheme,ext", [("int8", ".safetensors"), ("Q4_0", ".bin")])
+def test_cli_group_size_with_another_scheme_is_refused(tmp_path, scheme, ext):
+    """--group-size 32 with --scheme int8 or a ggml scheme was ignored (exit 0, the same file as
+    without it; a recipe sweeping group-size over int8 measured one model twice)."""
+    from click.testing import CliRunner
+    from rwkvtools.cli import main
+    from conftest import fixture_path
+    out = tmp_path / ("q" + ext)
+    r = CliRunner().invoke(main, ["quantize", str(fixture_path("tiny-rwkv-5v2-730K-FP32.bin")), str(out),
+                                  "--scheme", scheme, "--group-size", "32", "--no-validate"])
+    assert r.exit_code == 2, r.output
+    assert "error: --group-size applies to --scheme int4" in r.output
+    assert not out.exists()

@@ -91,6 +91,11 @@ def quantize(src, dst, **opts):
           --group-size 32 --skip 'blocks.0.*' --include head.weight
       rwkvtools inspect /tmp/q8.safetensors
     """
+    ctx = click.get_current_context()
+    if opts["scheme"] != "int4" and ctx.get_parameter_source("group_size") not in (
+            None, click.core.ParameterSource.DEFAULT):  # refused rather than ignored
+        raise UserError(f"--group-size applies to --scheme int4 ({opts['scheme']} has its own grouping: "
+                        f"{'one scale per output channel' if opts['scheme'] == 'int8' else 'ggml blocks'})")
     handle_errors(_quantize)(src, dst, opts)
 
 
