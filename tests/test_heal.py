@@ -156,3 +156,22 @@ def test_batch_larger_than_the_texts_windows_is_refused():
         heal(t, t, _toks(100), HealConfig(tokens=64, seq_len=32, batch_size=4, train="all"))
     out, _ = heal(t, t, _toks(100), HealConfig(tokens=64, seq_len=32, batch_size=3, train="all"))
     assert out.tensors.keys() == t.tensors.keys()
+
+
+@pytest.mark.parametrize("opt,value,match", [
+    ("--lr", "1e308", "lr must be at most 3.4e+38"),
+    ("--temperature", "1e308", "temperature must be at most 1.84e+19"),
+])
+def test_cli_lr_or_temperature_beyond_float32_is_refused(tmp_path, opt, value, match):
+    """--lr 1e308 was an internal error mid-training (RuntimeError 'value cannot be converted to
+    type float without overflow'), --temperature 1e308 too (OverflowError in temperature**2)."""
+    from rwkvtools.cli import main
+    from rwkvtools.io.writers import write_checkpoint
+    tp, dp = str(tmp_path / "t.safetensors"), tmp_path / "h.safetensors"
+    write_checkpoint(_ck("7"), tp)
+    r = CliRunner().invoke(main, ["heal", tp, str(dp), "--teacher", tp, "--train", "all", "--tokens", "64",
+                                  "--seq-len", "16", "--batch-size", "2", "--no-validate", opt, value])
+    assert r.exit_code == 2, r.output
+    assert f"error: {match}" in r.output and "internal error" not in r.output
+    assert not dp.exists()
+    HealConfig(lr=3.4e38, temperature=1.8e19)  # the largest float32 values are still accepted

@@ -51,6 +51,9 @@ def parse_train(train) -> tuple[str, ...]:
     return tuple(out)
 
 
+_F32_MAX = 3.4028234663852886e38   # torch.finfo(torch.float32).max
+
+
 @dataclass(frozen=True)
 class HealConfig:
     tokens: int = 65536          # training tokens (the budget): steps = ceil(tokens / (batch * seq_len))
@@ -80,6 +83,13 @@ class HealConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= lo:
                 raise HealError(f"{name} must be a positive number, got {v!r}")
+        # training runs in float32: the step size must be a float32 and the KL's temperature**2 too
+        # (beyond, torch raised 'value cannot be converted to type float without overflow' and
+        # temperature**2 an OverflowError, both mid-training)
+        for name, hi in (("lr", _F32_MAX), ("temperature", math.sqrt(_F32_MAX))):
+            v = getattr(self, name)
+            if v > hi:
+                raise HealError(f"{name} must be at most {hi:.3g} (training runs in float32), got {v!r}")
         for name in ("lm_weight", "weight_decay", "grad_clip"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
