@@ -829,3 +829,40 @@ def test_report_on_the_external_data_file_is_refused(tmp_path, threshold):
     assert r.exit_code == 2, r.output
     assert "error: --report" in r.output and "external weights" in r.output and "internal error" not in r.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnxruntime_load_errors_keep_their_reason(tmp_path):
+    """The message ended in onnxruntime's C++ location and signature, cut at 300 characters before
+    the reason (e.g. 'Unsupported model IR version: 14, max supported IR version: 13')."""
+    from rwkvtools.export.onnx_eval import ort_reason
+    path = tmp_path / "m.onnx"
+    export_onnx(fixture_path("tiny-rwkv-7v0-834K.pth"), str(path), validate=False, progress=False)
+    m = onnx.load(str(path))
+    m.ir_version = 99
+    onnx.save(m, str(path))
+    with pytest.raises(Exception) as e:
+        ort.InferenceSession(str(path))
+    assert ort_reason(e.value).startswith("Unsupported model IR version: 99"), ort_reason(e.value)
+    with pytest.raises(RwkvToolsError, match=r"cannot load it \(Unsupported model IR version: 99"):
+        OnnxModel(str(path))
+
+
+def test_export_that_onnxruntime_cannot_load_names_out_and_the_opset(tmp_path, monkeypatch):
+    """A graph onnxruntime refuses (here: its IR version set beyond any onnxruntime's; in practice
+    an --opset newer than the installed onnxruntime, e.g. 28 with 1.31) named the temporary
+    staging path and a cut-off C++ signature; now OUT, the reason and the --opset hint."""
+    import rwkvtools.export.onnx as exp
+    real = exp.validate_onnx
+
+    def unloadable(path, *a, **k):
+        m = onnx.load(path)
+        m.ir_version = 99
+        onnx.save(m, path)
+        return real(path, *a, **k)
+    monkeypatch.setattr(exp, "validate_onnx", unloadable)
+    out = tmp_path / "x.onnx"
+    r = runner.invoke(main, ["export-onnx", str(fixture_path("tiny-rwkv-7v0-834K.pth")), str(out), "--opset", "18"])
+    assert r.exit_code == 2, r.output
+    assert f"error: {out}: onnxruntime {ort.__version__} cannot load it (Unsupported model IR version: 99" in r.output
+    assert "try a lower --opset (default 17)" in r.output and ".rwkvtools-" not in r.output, r.output
+    assert list(tmp_path.iterdir()) == []

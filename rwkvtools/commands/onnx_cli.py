@@ -69,7 +69,7 @@ def _export(src, out, mode, dtype, opset, chunk_len, logits, linear_op, no_valid
     import os
 
     from ..errors import GateError
-    from ..export.onnx import export_onnx, validation_failure_message
+    from ..export.onnx import ExportError, export_onnx, validation_failure_message
     from ..io.atomic import staged_output
     from .common import output_guard, write_report
     output_guard(src, out, force, report=report_path, fmt="onnx")
@@ -84,9 +84,12 @@ def _export(src, out, mode, dtype, opset, chunk_len, logits, linear_op, no_valid
     # exported (and checked) under a temporary name, then renamed onto OUT with its OUT.data:
     # any failure leaves neither behind, and existing ones as they were
     with staged_output(out, companions=(".data",)) as staged:
-        rep = export_onnx(src, staged, mode=mode, dtype=dtype, opset=opset, validate=not no_validate,
-                          chunk_len=chunk_len, logits=logits, external_data_threshold=threshold, tol=tol,
-                          progress=progress, raise_on_fail=False, linear_op=linear_op)
+        try:
+            rep = export_onnx(src, staged, mode=mode, dtype=dtype, opset=opset, validate=not no_validate,
+                              chunk_len=chunk_len, logits=logits, external_data_threshold=threshold, tol=tol,
+                              progress=progress, raise_on_fail=False, linear_op=linear_op)
+        except ExportError as e:  # name OUT, not the temporary name it is written under
+            raise ExportError(str(e).replace(staged, out)) from None
         rep["output"] = os.path.abspath(out)
         write_report(rep, report_path)
         if not rep["published"]:

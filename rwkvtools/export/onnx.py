@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from onnx import helper
 
-from ..errors import RwkvToolsError
+from ..errors import FormatError, RwkvToolsError
 from .graph import FLOAT, FLOAT16, INT64, ExternalData, GraphBuilder, value_info
 
 INTERFACE_VERSION = 2                # 2: one state tensor per layer (1: stacked [n_layer, batch, ...])
@@ -1012,8 +1012,13 @@ def export_onnx(src, out: str, mode: str = "step", dtype: str = "fp32", opset: i
             else:
                 del model
                 ref = build_model(ckpt, dtype=torch.float32)
-            report["validation"] = validate_onnx(tmp_model, ref, dtype, tol, prompt=validate_prompt,
-                                                 steps=validate_steps, progress=progress)
+            try:
+                report["validation"] = validate_onnx(tmp_model, ref, dtype, tol, prompt=validate_prompt,
+                                                     steps=validate_steps, progress=progress)
+            except FormatError as e:   # the graph does not load (e.g. an opset newer than onnxruntime's)
+                raise ExportError(str(e).replace(tmp_model, out) + (
+                    f"; opset {opset} may be newer than this onnxruntime runs: try a lower --opset "
+                    f"(default {DEFAULT_OPSET})" if opset > DEFAULT_OPSET else "")) from None
             passed = report["validation"]["passed"]
         else:
             report["validation"] = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -20,6 +21,19 @@ def cuda_usable() -> bool:
     except ImportError:  # pragma: no cover
         return False
     return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+
+
+def ort_reason(e: Exception) -> str:
+    """The reason in an onnxruntime load error, without its prefix, the file's path and the C++
+    source location and signature (which used to fill the message and cut off the reason, e.g.
+    'Unsupported model IR version: 14, max supported IR version: 13')."""
+    msg = " ".join(str(e).split())
+    m = re.search(r"\.(?:cc|cpp|h):\d+ [^()]*\([^()]*\) (.+)$", msg)
+    if m:
+        msg = m.group(1)
+    else:
+        msg = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", msg)
+    return msg[:300]
 
 
 class OnnxModel:
@@ -45,7 +59,7 @@ class OnnxModel:
         try:
             self.session = ort.InferenceSession(path, so, providers=providers)
         except Exception as e:
-            raise FormatError(f"{path}: onnxruntime cannot load it ({str(e).strip().splitlines()[-1][:300]})") from None
+            raise FormatError(f"{path}: onnxruntime {ort.__version__} cannot load it ({ort_reason(e)})") from None
         raw = self.session.get_modelmeta().custom_metadata_map.get("rwkvtools")
         if raw is None:
             raise FormatError(f"{path}: not an RWKV model exported by rwkvtools (no 'rwkvtools' metadata)")
