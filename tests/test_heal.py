@@ -4,6 +4,7 @@ float tensor of every version is trainable with 'all', tied tensors stay tied, t
 deterministic for a seed, the manifest records it, CLI and errors."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -175,3 +176,24 @@ def test_cli_lr_or_temperature_beyond_float32_is_refused(tmp_path, opt, value, m
     assert f"error: {match}" in r.output and "internal error" not in r.output
     assert not dp.exists()
     HealConfig(lr=3.4e38, temperature=1.8e19)  # the largest float32 values are still accepted
+
+
+@pytest.mark.parametrize("dst,match", [("h.bin", "rwkv.cpp needs dense matrices"),
+                                       ("hf", "Hugging Face layouts need dense matrices"),
+                                       ("h.gguf", "llama.cpp runs RWKV-6 and RWKV-7 only")])
+def test_cli_output_the_healed_model_cannot_go_to_is_refused_before_training(tmp_path, monkeypatch, dst, match):
+    """A low-rank v5.2 student healed into rwkv.cpp / HF (dense only) or GGUF (v6/v7 only) trained
+    for the whole budget and only then was refused by the writer."""
+    from rwkvtools.cli import main
+    from rwkvtools.io.writers import write_checkpoint
+    from rwkvtools.transforms import heal as heal_module
+    from rwkvtools.transforms.lowrank import LowRankConfig, lowrank
+    t = random_checkpoint("5.2", n_layer=2, n_embd=32, head_size=16, vocab=256, seed=1)
+    tp, sp = str(tmp_path / "t.safetensors"), str(tmp_path / "s.safetensors")
+    write_checkpoint(t, tp)
+    write_checkpoint(lowrank(t, LowRankConfig(rank=0.5, method="svd")), sp)
+    monkeypatch.setattr(heal_module, "heal", lambda *a, **k: pytest.fail("trained before refusing the output"))
+    r = CliRunner().invoke(main, ["heal", sp, str(tmp_path / dst), "--teacher", tp, "--tokens", "64",
+                                  "--seq-len", "16", "--no-validate"])
+    assert r.exit_code == 2 and "error:" in r.output and match in r.output, r.output
+    assert sorted(os.listdir(tmp_path)) == ["s.safetensors", "t.safetensors"]

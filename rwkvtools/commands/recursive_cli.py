@@ -229,7 +229,7 @@ def heal(src, dst, **opts):
 
 def _heal(src, dst, opts):
     from ..io import read_checkpoint
-    from ..io.writers import write_checkpoint
+    from ..io.writers import check_writable, write_checkpoint
     from ..spec import detect
     from ..transforms import prepare_for_model
     from ..transforms.heal import HealConfig, heal
@@ -241,6 +241,7 @@ def _heal(src, dst, opts):
     if "shared.map" in student.tensors and _format(dst) not in ("safetensors", "pth"):
         raise UserError(f"{dst}: a healed recursive checkpoint is written as .safetensors or .pth; expand it "
                         "afterwards with 'rwkvtools recursive HEALED PLAIN --merge'")
+    check_writable(student, _format(dst))  # the healed model keeps the student's representation
     teacher = read_checkpoint(opts["teacher"])
     cfg = HealConfig(tokens=opts["tokens"], seq_len=opts["seq_len"], batch_size=opts["batch_size"], lr=opts["lr"],
                      train=opts["train"], lm_weight=opts["lm_weight"], temperature=opts["temperature"],

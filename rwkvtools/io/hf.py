@@ -114,15 +114,10 @@ def check_replaceable(path: str) -> None:
                           "replace it (remove it yourself or choose a new path)")
 
 
-def write_hf(ckpt: Checkpoint, path: str, progress: bool | None = None) -> None:
-    """Write a Hugging Face folder: config.json + model.safetensors (training form)."""
+def check_writable(ckpt: Checkpoint):
+    """Refuse (FormatError) a training-form checkpoint no Hugging Face layout holds; returns
+    (spec, family)."""
     from ..spec import detect, layout, linear_prefixes
-    from ..transforms import prepare_for_model
-    from .atomic import atomic_dir
-    from .safetensors_io import write_safetensors
-
-    check_replaceable(path)
-    ckpt = prepare_for_model(ckpt)
     t = ckpt.tensors
     spec = detect(t)
     family = FAMILIES.get(spec.version)
@@ -139,6 +134,19 @@ def write_hf(ckpt: Checkpoint, path: str, progress: bool | None = None) -> None:
     if unknown:
         raise FormatError(f"the Hugging Face {family} layout has no place for {len(unknown)} tensor(s), e.g. "
                           f"{', '.join(unknown[:5])}")
+    return spec, family
+
+
+def write_hf(ckpt: Checkpoint, path: str, progress: bool | None = None) -> None:
+    """Write a Hugging Face folder: config.json + model.safetensors (training form)."""
+    from ..transforms import prepare_for_model
+    from .atomic import atomic_dir
+    from .safetensors_io import write_safetensors
+
+    check_replaceable(path)
+    ckpt = prepare_for_model(ckpt)
+    t = ckpt.tensors
+    spec, family = check_writable(ckpt)
     names: list[str] = []
     plan: dict[str, tuple[str, str]] = {}
     for k in t:

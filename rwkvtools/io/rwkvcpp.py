@@ -331,7 +331,8 @@ def _file_tensor(x: torch.Tensor, name: str, last: str, v: int, spec, H: int) ->
     return x.contiguous()
 
 
-def _check_writable(ckpt: Checkpoint):
+def check_writable(ckpt: Checkpoint):
+    """Refuse (FormatError) a training-form checkpoint rwkv.cpp cannot load; returns its spec."""
     from ..spec import detect, layout, linear_prefixes
     t = ckpt.tensors
     spec = detect(t)
@@ -388,7 +389,7 @@ def write_rwkvcpp(ckpt: Checkpoint, path: str, data_type: str = "FP32",
     if base not in ("FP32", "FP16"):
         raise FormatError(f"base_type must be FP32 or FP16, got {base_type}")
     ckpt = prepare_for_model(ckpt)
-    spec = _check_writable(ckpt)
+    spec = check_writable(ckpt)
     blocks = dict(blocks or {})
     quantized = dt in ggml_quants.BLOCK_TYPES or bool(blocks)
     if version is None:

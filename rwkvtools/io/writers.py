@@ -61,6 +61,22 @@ def write_checkpoint(ckpt: Checkpoint, path: str, format: str | None = None, **o
     return fmt
 
 
+def check_writable(ckpt: Checkpoint, fmt: str) -> None:
+    """Refuse, before any work, a checkpoint the ``fmt`` writer would refuse only when writing
+    (a layout or representation the format cannot hold: e.g. low-rank matrices for rwkv.cpp or
+    Hugging Face, RWKV-4/5 for GGUF); .pth and .safetensors hold every checkpoint."""
+    from ..transforms import prepare_for_model
+    if fmt == "rwkvcpp":
+        from .rwkvcpp import check_writable as check
+    elif fmt == "hf":
+        from .hf import check_writable as check
+    elif fmt == "gguf":
+        from .gguf_io import gguf_plan as check
+    else:
+        return
+    check(prepare_for_model(ckpt))
+
+
 # What each format's writer takes as options, by kind of value: the options a user may give
 # (`convert --writer-option KEY=VALUE`, or keyword arguments of the Python `convert`). `blocks`
 # (precomputed quantized blocks) and `progress` are passed by rwkvtools itself, from Python only.

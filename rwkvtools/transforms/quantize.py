@@ -223,9 +223,7 @@ def _file_shapes(view: Checkpoint, spec) -> dict[str, tuple]:
     """Shapes in rwkv.cpp's file layout of every tensor that is 2-D in the training form (the only
     ones that can be 2-D in the file; v5 decays become 3-D, v6 LoRA matrices are transposed)."""
     from ..io import rwkvcpp
-    check = getattr(rwkvcpp, "_check_writable", None)
-    if check is not None:
-        check(view)  # refuse layouts rwkv.cpp cannot load before any work is done
+    rwkvcpp.check_writable(view)  # refuse layouts rwkv.cpp cannot load before any work is done
     out = {}
     t = view.tensors
     for name, make in rwkvcpp.file_records(view):
