@@ -8,6 +8,7 @@ exercised (tests, benchmarks, compression experiments)."""
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -27,7 +28,6 @@ def _check_size(n_layer: int, n_embd: int, vocab: int, ffn_dim: int) -> None:
     memory; such sizes failed deep in the allocator or ran for hours layer by layer."""
     params = 2 * vocab * n_embd + n_layer * (4 * n_embd * n_embd + 2 * n_embd * ffn_dim)
     try:
-        import os
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         mem = 1 << 50

@@ -51,7 +51,7 @@ def parse_train(train) -> tuple[str, ...]:
     return tuple(out)
 
 
-_F32_MAX = 3.4028234663852886e38   # torch.finfo(torch.float32).max
+_F32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass(frozen=True)
