@@ -403,7 +403,11 @@ def _run_steps(recipe: Recipe, src: str, out_dir: str, base: dict, ev: dict, t0:
     stages.append(base)
     log(f"source: ppl {base['ppl']:.4f}, {base['bytes']:,} bytes")
     current = base
+    not_run = []
     for step in recipe.steps:
+        if current.get("failed"):  # no model to go on from: the later steps are listed, not run
+            not_run.append(f"{step.index:02d}-{step.kind}")
+            continue
         values = step.sweep[1] if step.sweep else [None]
         results = []
         for v in values:
@@ -417,16 +421,24 @@ def _run_steps(recipe: Recipe, src: str, out_dir: str, base: dict, ev: dict, t0:
             stages.append(res)
         if step.kind != "eval":
             current = results[-1]  # a sweep continues from its last value
-    final = current
-    overall = {"ppl_increase_pct": 100.0 * (final["ppl"] / base["ppl"] - 1.0),
-               "size_reduction": 1.0 - final["bytes"] / base["bytes"]}
-    overall_gates = [_gate(g, b, overall) for g, b in recipe.gates.items()]
+    if not_run:
+        log(f"not run (stage {current['stage']} wrote no model to go on from): {', '.join(not_run)}")
+    final = None if current.get("failed") else current
+    if final is None:
+        overall = {"ppl_increase_pct": None, "size_reduction": None}
+        overall_gates = [{"gate": g, "metric": GATES[g][0], "bound": b, "value": None, "passed": False,
+                          "detail": f"{GATES[g][0]} not measured: stage {current['stage']} failed"}
+                         for g, b in recipe.gates.items()]
+    else:
+        overall = {"ppl_increase_pct": 100.0 * (final["ppl"] / base["ppl"] - 1.0),
+                   "size_reduction": 1.0 - final["bytes"] / base["bytes"]}
+        overall_gates = [_gate(g, b, overall) for g, b in recipe.gates.items()]
     passed = all(g["passed"] for s in stages for g in s.get("gates", [])) and all(g["passed"] for g in overall_gates) \
-        and all(s.get("exit_code", 0) in (0, 1) for s in stages)
+        and not any(s.get("failed") for s in stages)
     report = {"recipe": recipe.name, "recipe_file": os.path.abspath(recipe.path), "source": os.path.abspath(src),
-              "eval": ev, "stages": stages, "overall": {**overall, "gates": overall_gates}, "passed": passed,
-              "final": final["path"], "seconds": time.time() - t0}
-    if final is not base:  # never the source model itself (a recipe of eval steps only)
+              "eval": ev, "stages": stages, "not_run": not_run, "overall": {**overall, "gates": overall_gates},
+              "passed": passed, "final": final["path"] if final else None, "seconds": time.time() - t0}
+    if final is not None and final is not base:  # never the source model itself (a recipe of eval steps only)
         _stamp_recipe(final["path"], recipe)
     write_reports(report, out_dir)
     return report
@@ -481,23 +493,30 @@ def _run_stage(step: Step, opts: dict, label: str, current: dict, out_dir: str, 
             args += ["--encoding", ev["encoding"]]
         if step.kind == "heal" and "teacher" not in opts:
             args += ["--teacher", current.get("teacher") or _root_of(current)]
+    if step.kind != "eval":  # an output or record left by an earlier run with other options is not this stage's
+        _remove_stale(out_dir, [dst, meta_path, report_path])
     log(f"{label}: rwkvtools {' '.join(args)}")
     code, out, err = _invoke(args)
     stage["command"] = "rwkvtools " + " ".join(args)
     stage["exit_code"] = code
-    if code not in (0, 1):
-        stage.update({"path": dst, "error": (err or out).strip()[-2000:], "gates": [
-            {"gate": "command", "passed": False, "detail": f"exit code {code}: {(err or out).strip()[-300:]}"}]})
-        stage.update({"ppl": float("nan"), "bytes": current["bytes"], "params": current.get("params")})
-        log(f"{label}: FAILED ({(err or out).strip()[-300:]})")
-        return stage
     cmd_report = None
-    if os.path.exists(report_path):
+    if code in (0, 1) and os.path.exists(report_path):
         with open(report_path) as f:
             cmd_report = json.load(f)
     elif out.strip().startswith("{"):
         with contextlib.suppress(json.JSONDecodeError):
             cmd_report = json.loads(out)
+    produced = code == 0 and (step.kind == "eval" or os.path.exists(dst))
+    if not produced:  # an error (exit 2) or the command's own gate (exit 1: it writes no DST)
+        msg = (err or out).strip()
+        detail = (f"exit code {code}: {msg[-300:]}" if code != 1 else
+                  "exit code 1: the command's own gate failed, nothing written"
+                  + (f" ({msg.splitlines()[-1].strip()[-300:]})" if msg else ""))
+        stage.update({"path": None, "failed": True, "error": msg[-2000:], "ppl": float("nan"), "bytes": None,
+                      "params": None, "command_report": cmd_report,
+                      "gates": [{"gate": "command", "passed": False, "detail": detail}]})
+        log(f"{label}: FAILED ({detail})")
+        return stage
     stage["path"] = os.path.abspath(dst)
     stage["bytes"] = _size(dst)
     stage["params"] = _params(dst) if step.kind != "eval" else current.get("params")
@@ -510,8 +529,6 @@ def _run_stage(step: Step, opts: dict, label: str, current: dict, out_dir: str, 
     stage["bits_per_weight"] = 8.0 * stage["bytes"] / stage["params"] if stage.get("params") else None
     stage["command_report"] = cmd_report
     stage["gates"] = [_gate(g, b, stage) for g, b in step.gates.items()]
-    if code == 1:
-        stage["gates"].append({"gate": "command", "passed": False, "detail": "the command's own gate failed (exit 1)"})
     stage["key"] = key
     stage["resumed"] = False
     stage["root"] = _root_of(current)
@@ -520,6 +537,20 @@ def _run_stage(step: Step, opts: dict, label: str, current: dict, out_dir: str, 
     verdict = "PASS" if all(g["passed"] for g in stage["gates"]) else "FAIL"
     log(f"{label}: ppl {stage['ppl']:.4f} ({stage['ppl_increase_pct']:+.2f}%), {stage['bytes']:,} bytes [{verdict}]")
     return stage
+
+
+def _remove_stale(out_dir: str, paths: list[str]) -> None:
+    """Remove what an earlier run of this stage (other options or input) left under its names in
+    --out, so that a stage that now fails leaves no model that looks like its output."""
+    import shutil
+    root = os.path.realpath(out_dir)
+    for p in paths:
+        if os.path.dirname(os.path.realpath(p)) != root or not os.path.lexists(p):
+            continue  # only the stage's own names directly in --out
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        else:
+            os.remove(p)
 
 
 def _root_of(stage: dict) -> str:
@@ -544,15 +575,28 @@ def markdown_table(report: dict) -> str:
     for s in report["stages"]:
         gates = "; ".join(("✅ " if g["passed"] else "❌ ") + g["detail"] for g in s.get("gates", [])) or "—"
         params = f"{s['params']:,}" if s.get("params") else "—"
+        size = f"{s['bytes']:,}" if s.get("bytes") is not None else "—"
         bpw = f"{s['bits_per_weight']:.2f}" if s.get("bits_per_weight") else "—"
-        ppl = f"{s['ppl']:.4f}" if isinstance(s.get("ppl"), float) and not math.isnan(s["ppl"]) else "—"
-        lines.append(f"| {s['stage']}{' (resumed)' if s.get('resumed') else ''} | {params} | {s['bytes']:,} | {bpw} | "
-                     f"{ppl} | {s.get('ppl_increase_pct', 0):+.2f}% | {gates} |")
+        ppl = f"{s['ppl']:.4f}" if _number(s.get("ppl")) else "—"
+        inc = f"{s['ppl_increase_pct']:+.2f}%" if _number(s.get("ppl_increase_pct")) else "—"
+        lines.append(f"| {s['stage']}{' (resumed)' if s.get('resumed') else ''} | {params} | {size} | {bpw} | "
+                     f"{ppl} | {inc} | {gates} |")
+    for label in report.get("not_run", []):
+        lines.append(f"| {label} | — | — | — | — | — | not run (no model from the failed stage) |")
     o = report["overall"]
-    lines += ["", f"Overall: ppl {o['ppl_increase_pct']:+.2f}% vs source, size reduced by {100 * o['size_reduction']:.1f}%"]
+    if _number(o["ppl_increase_pct"]):
+        lines += ["", f"Overall: ppl {o['ppl_increase_pct']:+.2f}% vs source, "
+                      f"size reduced by {100 * o['size_reduction']:.1f}%"]
+    else:
+        lines += ["", "Overall: not measured (a stage failed before the last step's model was made)"
+                  if report.get("final") is None else "Overall: ppl not measured (not a number)"]
     for g in o["gates"]:
         lines.append(f"- {'✅' if g['passed'] else '❌'} {g['detail']}")
     return "\n".join(lines) + "\n"
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def write_reports(report: dict, out_dir: str) -> None:

@@ -294,3 +294,49 @@ def test_eval_values_are_checked_with_the_recipe(tmp_path, key, value, match):
     res = runner.invoke(main, ["recipe", "run", path, "--out", str(tmp_path / "out")])
     assert res.exit_code == 2 and "error:" in res.output and "internal error" not in res.output, res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stage_whose_own_gate_fails_stops_the_pipeline_and_leaves_no_stale_model(tmp_path):
+    """A step's command refusing by its own gate (exit 1, no DST written) was an internal error
+    (the recipe measured a file that was never made); now the stage is failed in the reports, the
+    later steps are listed as not run, and an output left by an earlier run with other options is
+    not passed off as this stage's."""
+    out = tmp_path / "out"
+    steps = [{"lowrank": {"rank": 0.5, "max-ppl-increase": 1e6}}, {"eval": {}}, {"quantize": {"scheme": "int8"}}]
+    res = runner.invoke(main, ["recipe", "run", write(tmp_path, base(steps=steps)), "--out", str(out)])
+    assert res.exit_code == 0, res.output[-2000:]
+    assert (out / "01-lowrank.safetensors").exists() and (out / "03-quantize.safetensors").exists()
+    steps[0]["lowrank"]["max-ppl-increase"] = -50.0   # halving the channel-mix cannot halve the perplexity
+    res = runner.invoke(main, ["recipe", "run", write(tmp_path, base(steps=steps, gates={"max_ppl_increase": 100.0})),
+                               "--out", str(out), "--json"])
+    assert res.exit_code == 1, res.output[-2000:]
+    assert "internal error" not in res.output
+    rep = json.loads(res.stdout)
+    q = rep["stages"][1]
+    assert q["failed"] is True and q["path"] is None and q["bytes"] is None and q["exit_code"] == 1
+    assert "own gate failed" in q["gates"][0]["detail"] and "ppl_increase_pct" in q["gates"][0]["detail"]
+    assert q["command_report"]["validation"]["passed"] is False          # the command's figures are kept
+    assert [s["stage"] for s in rep["stages"]] == ["source", "01-lowrank"]
+    assert rep["not_run"] == ["02-eval", "03-quantize"]
+    assert rep["final"] is None and rep["passed"] is False
+    assert rep["overall"]["ppl_increase_pct"] is None and not rep["overall"]["gates"][0]["passed"]
+    assert not (out / "01-lowrank.safetensors").exists()                 # the earlier run's model is gone
+    assert not (out / "01-lowrank.json").exists()
+    md = (out / "report.md").read_text()
+    assert "| 03-quantize | — | — | — | — | — | not run" in md and "nan" not in md
+    assert "| 01-lowrank | — | — | — | — | — | ❌ exit code 1" in md
+
+
+def test_a_stage_that_errors_does_not_cascade(tmp_path):
+    """A step that fails with an error used to hand its never-written output to the next step,
+    which failed in turn on a missing file; now the later steps are not run."""
+    out = tmp_path / "out"
+    steps = [{"quantize": {"scheme": "int4", "method": "gptq", "calib": str(tmp_path / "missing.txt")}},
+             {"lowrank": {"rank": 0.5}}]
+    res = runner.invoke(main, ["recipe", "run", write(tmp_path, base(steps=steps)), "--out", str(out)])
+    assert res.exit_code == 1 and "internal error" not in res.output, res.output[-2000:]
+    assert "stage 01-quantize failed" in res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert [s["stage"] for s in rep["stages"]] == ["source", "01-quantize"] and rep["not_run"] == ["02-lowrank"]
+    assert "missing.txt" in rep["stages"][1]["gates"][0]["detail"] and rep["stages"][1]["exit_code"] == 2
+    assert "Overall: not measured" in (out / "report.md").read_text()

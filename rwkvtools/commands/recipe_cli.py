@@ -76,7 +76,9 @@ def _run(recipe_file, model, out_dir, as_json, summary):
         click.echo(table)
         click.echo(f"reports: {out_dir}/report.json, report.md, plot.png")
     if not report["passed"]:
-        raise GateFailed(f"recipe {r.name}: a gate failed (see {out_dir}/report.md)")
+        failed = [s["stage"] for s in report["stages"] if s.get("failed")]
+        what = f"stage {', '.join(failed)} failed" if failed else "a gate failed"
+        raise GateFailed(f"recipe {r.name}: {what} (see {out_dir}/report.md)")
     sys.stdout.flush()
 
 
