@@ -60,6 +60,18 @@ class RecipeError(RwkvToolsError):
     pass
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as PyYAML's safe loader reads it, but with YAML 1.2's numbers: `1e-3` and `5E+2` are
+    floats (YAML 1.1, PyYAML's default, wants a dot and reads them as text, so a gate or an
+    option written that way was refused)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
 @dataclass
 class Step:
     index: int
@@ -194,7 +206,7 @@ def load_recipe(path: str) -> Recipe:
     """Parse and validate a recipe file; every error names the step, the option and what is allowed."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_Loader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError:
         raise RecipeError(f"{path}: no such recipe file") from None
     except IsADirectoryError:

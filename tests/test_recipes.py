@@ -340,3 +340,18 @@ def test_a_stage_that_errors_does_not_cascade(tmp_path):
     assert [s["stage"] for s in rep["stages"]] == ["source", "01-quantize"] and rep["not_run"] == ["02-lowrank"]
     assert "missing.txt" in rep["stages"][1]["gates"][0]["detail"] and rep["stages"][1]["exit_code"] == 2
     assert "Overall: not measured" in (out / "report.md").read_text()
+
+
+def test_numbers_in_exponent_form_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML's default) reads `1e-3` as text, so a gate written that way was refused
+    ('needs a finite number, got '1e-3''); recipes read numbers as YAML 1.2 does."""
+    p = tmp_path / "r.yaml"
+    p.write_text(f"model: {fixture_path('tiny-rwkv-5v2-730K-FP32.bin')}\n"
+                 "gates: {max_ppl_increase: 1e-3, min_size_reduction: .5E-1}\n"
+                 "steps:\n  - lowrank: {rank: 5e-1, max-ppl-increase: 1.5e3}\n")
+    r = load_recipe(str(p))
+    assert r.gates == {"max_ppl_increase": 0.001, "min_size_reduction": 0.05}
+    assert r.steps[0].options == {"rank": 0.5, "max-ppl-increase": 1500.0}
+    p.write_text(p.read_text().replace("rank: 5e-1", "rank: 1e5x"))   # not a number: still text, refused
+    with pytest.raises(RecipeError, match="rank"):
+        load_recipe(str(p))
