@@ -190,12 +190,17 @@ def eval_cmd(model, text, tokenizer, tokenizer_file, encoding, max_tokens, chunk
                          as_json, progress)
 
 
+def check_eval_options(model, opts, given=frozenset()):
+    """eval's options, checked before any file is read (`recipe check` runs it on eval steps)."""
+    if opts["max_tokens"] is not None and opts["max_tokens"] < 2:
+        raise UserError("--max-tokens must be at least 2")
+    if opts["chunk_len"] < 1:
+        raise UserError("--chunk-len must be positive")
+
+
 def _eval(model, text, tokenizer, tokenizer_file, encoding, max_tokens, chunk_len, device, dtype, as_json, progress):
     from .evaluate import evaluate_file
-    if max_tokens is not None and max_tokens < 2:
-        raise UserError("--max-tokens must be at least 2")
-    if chunk_len < 1:
-        raise UserError("--chunk-len must be positive")
+    check_eval_options(model, {"max_tokens": max_tokens, "chunk_len": chunk_len})
     res = evaluate_file(model, text, tokenizer=tokenizer, tokenizer_file=tokenizer_file, encoding=encoding,
                         max_tokens=max_tokens, chunk_len=chunk_len, device=device, dtype=_dtype(dtype),
                         progress=progress)
@@ -260,6 +265,8 @@ def _register_more():
             if e.name and e.name.endswith(mod):
                 continue
             raise
+    from .commands.common import OPTION_CHECKS
+    OPTION_CHECKS["eval"] = check_eval_options
 
 
 _register_more()

@@ -271,7 +271,10 @@ def load_recipe(path: str) -> Recipe:
                 raise RecipeError(f"{where}: sweep '{sk}' needs a non-empty list of values")
             for v in sv:
                 _check_value(where + " sweep", cmd, sk, v)
-            sweep = (sk, sv)
+            sweep = (sk, [_expand_path_option(cmd, sk, v, base) for v in sv])
+        for v in (sweep[1] if sweep else [None]):
+            _check_step(where if sweep is None else f"{where} sweep {sweep[0]}={v}", cmd, kind,
+                        opts if sweep is None else {**opts, sweep[0]: v}, ev)
         provided = {"ppl_increase_pct", "size_reduction", *STEP_KINDS[kind][2]}
         gates = _check_gates(where, s.get("gates"), provided)
         steps.append(Step(i, kind, dict(opts), gates, sweep))
@@ -281,6 +284,30 @@ def load_recipe(path: str) -> Recipe:
         raise RecipeError(f"{path}: 'model' must be a path")
     return Recipe(path, str(raw.get("name") or os.path.splitext(os.path.basename(path))[0]),
                   str(raw.get("description") or ""), expand(model, base) if model else None, ev, overall, steps, raw)
+
+
+def check_inputs(recipe: Recipe, model: str | None = None) -> None:
+    """The files a run reads, there before it starts: the source model (``model`` or the
+    recipe's), the evaluation text and every path-valued step option (calib, text, teacher,
+    eval-text, tokenizer-file), sweep values included. One error lists every missing file."""
+    import click
+    missing = []
+    src = model or recipe.model
+    if src and not os.path.exists(src):
+        missing.append(f"source model {src}")
+    if recipe.eval.get("text") and not os.path.exists(recipe.eval["text"]):
+        missing.append(f"eval text {recipe.eval['text']}")
+    for step in recipe.steps:
+        cmd = _command(step.kind)
+        named = list(step.options.items())
+        if step.sweep:
+            named += [(step.sweep[0], v) for v in step.sweep[1]]
+        for k, v in named:
+            p = _param_for(cmd, k)
+            if isinstance(getattr(p, "type", None), click.Path) and isinstance(v, str) and not os.path.exists(v):
+                missing.append(f"step {step.index} ({step.kind}) {k} {v}")
+    if missing:
+        raise RecipeError(f"{recipe.path}: not found: {'; '.join(missing)}")
 
 
 # ------------------------------------------------------------------------------------ running
@@ -389,8 +416,7 @@ def run(recipe: Recipe, out_dir: str, model: str | None = None, log=print) -> di
     src = model or recipe.model
     if not src:
         raise RecipeError(f"{recipe.path}: no source model: set 'model' in the recipe or pass --model")
-    if not os.path.exists(src):
-        raise RecipeError(f"source model {src} does not exist")
+    check_inputs(recipe, src)
     ev = recipe.eval
     t0 = time.time()
     base = {"stage": "source", "step": 0, "kind": "source", "options": {}, "path": os.path.abspath(src),
@@ -483,28 +509,9 @@ def _run_stage(step: Step, opts: dict, label: str, current: dict, out_dir: str, 
             log(f"{label}: up to date, skipped")
             return old
     report_path = os.path.join(out_dir, label + ".report.json")
-    if step.kind == "eval":
-        args = [cmd.name, src, "--json", "--no-progress"]
-        if "text" not in opts:  # the recipe's own text, else the packaged held-out text it measures on
-            from .validate import packaged_text
-            args += ["--text", ev.get("text") or packaged_text("heldout")]
-        args += _args_for(cmd, opts)
-        dst = src
-    else:
-        dst = os.path.join(out_dir, label + _out_ext(step.kind, opts, src))
-        args = [cmd.name, src, dst] + _args_for(cmd, opts)
-        if _has(cmd, "force"):
-            args.append("--force")
-        if _has(cmd, "report"):
-            args += ["--report", report_path]
-        if _has(cmd, "eval-text") and "eval-text" not in opts and "eval_text" not in opts and ev.get("text"):
-            args += ["--eval-text", ev["text"]]
-        if _has(cmd, "eval-tokens") and "eval-tokens" not in opts and "eval_tokens" not in opts and ev.get("tokens"):
-            args += ["--eval-tokens", str(ev["tokens"])]
-        if _has(cmd, "encoding") and "encoding" not in opts and ev.get("encoding"):
-            args += ["--encoding", ev["encoding"]]
-        if step.kind == "heal" and "teacher" not in opts:
-            args += ["--teacher", current.get("teacher") or _root_of(current)]
+    dst = src if step.kind == "eval" else os.path.join(out_dir, label + _out_ext(step.kind, opts, src))
+    args = _stage_args(cmd, step.kind, opts, src, dst, report_path, ev,
+                       teacher=current.get("teacher") or _root_of(current))
     if step.kind != "eval":  # an output or record left by an earlier run with other options is not this stage's
         _remove_stale(out_dir, [dst, meta_path, report_path])
     log(f"{label}: rwkvtools {' '.join(args)}")
@@ -563,6 +570,53 @@ def _remove_stale(out_dir: str, paths: list[str]) -> None:
             shutil.rmtree(p)
         else:
             os.remove(p)
+
+
+def _stage_args(cmd, kind: str, opts: dict, src: str, dst: str, report_path: str, ev: dict, teacher: str) -> list[str]:
+    """The command line of a stage: the step's options, and what the recipe supplies (the
+    evaluation text and budget, --force, --report, heal's teacher) unless the step sets it."""
+    if kind == "eval":
+        args = [cmd.name, src, "--json", "--no-progress"]
+        if "text" not in opts:  # the recipe's own text, else the packaged held-out text it measures on
+            from .validate import packaged_text
+            args += ["--text", ev.get("text") or packaged_text("heldout")]
+        return args + _args_for(cmd, opts)
+    args = [cmd.name, src, dst] + _args_for(cmd, opts)
+    if _has(cmd, "force"):
+        args.append("--force")
+    if _has(cmd, "report"):
+        args += ["--report", report_path]
+    if _has(cmd, "eval-text") and "eval-text" not in opts and "eval_text" not in opts and ev.get("text"):
+        args += ["--eval-text", ev["text"]]
+    if _has(cmd, "eval-tokens") and "eval-tokens" not in opts and "eval_tokens" not in opts and ev.get("tokens"):
+        args += ["--eval-tokens", str(ev["tokens"])]
+    if _has(cmd, "encoding") and "encoding" not in opts and ev.get("encoding"):
+        args += ["--encoding", ev["encoding"]]
+    if kind == "heal" and "teacher" not in opts:
+        args += ["--teacher", teacher]
+    return args
+
+
+def _check_step(where: str, cmd, kind: str, opts: dict, ev: dict) -> None:
+    """What the step's command would refuse before reading any file, refused now: its command line
+    as a run builds it, parsed by the command's own parser and checked by the command's own
+    option check (e.g. quantize's --group-size with int8), with stand-in paths."""
+    import click
+
+    from .commands.common import OPTION_CHECKS, given_options
+    src = "MODEL"
+    dst = src if kind == "eval" else "STAGE" + _out_ext(kind, opts, src)
+    args = _stage_args(cmd, kind, opts, src, dst, "STAGE.report.json", ev, teacher="TEACHER")
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # click's parser may print usage lines
+            ctx = cmd.make_context(cmd.name, args[1:])
+        check = OPTION_CHECKS.get(cmd.name)
+        if check is not None:
+            check(dst, ctx.params, given_options(ctx))
+    except click.ClickException as e:
+        raise RecipeError(f"{where}: {e.format_message()}") from None
+    except RwkvToolsError as e:
+        raise RecipeError(f"{where}: {e}") from None
 
 
 def _root_of(stage: dict) -> str:

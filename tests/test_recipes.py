@@ -4,6 +4,7 @@ runs on the fixtures with its gates enforced."""
 import json
 import os
 import pathlib
+import re
 
 import pytest
 import yaml
@@ -331,14 +332,16 @@ def test_a_stage_that_errors_does_not_cascade(tmp_path):
     """A step that fails with an error used to hand its never-written output to the next step,
     which failed in turn on a missing file; now the later steps are not run."""
     out = tmp_path / "out"
-    steps = [{"quantize": {"scheme": "int4", "method": "gptq", "calib": str(tmp_path / "missing.txt")}},
-             {"lowrank": {"rank": 0.5}}]
+    steps = [{"quantize": {"scheme": "int8"}}, {"lowrank": {"rank": 0.5}}, {"export-onnx": {}}]
     res = runner.invoke(main, ["recipe", "run", write(tmp_path, base(steps=steps)), "--out", str(out)])
     assert res.exit_code == 1 and "internal error" not in res.output, res.output[-2000:]
-    assert "stage 01-quantize failed" in res.output
+    assert "stage 02-lowrank failed" in res.output
     rep = json.loads((out / "report.json").read_text())
-    assert [s["stage"] for s in rep["stages"]] == ["source", "01-quantize"] and rep["not_run"] == ["02-lowrank"]
-    assert "missing.txt" in rep["stages"][1]["gates"][0]["detail"] and rep["stages"][1]["exit_code"] == 2
+    assert [s["stage"] for s in rep["stages"]] == ["source", "01-quantize", "02-lowrank"]
+    assert rep["not_run"] == ["03-export-onnx"]
+    # lowrank cannot factor int8 matrices: the command's message, not a missing-file one
+    assert "lowrank cannot read" in rep["stages"][2]["gates"][0]["detail"] and rep["stages"][2]["exit_code"] == 2
+    assert rep["stages"][1]["passed"] if "passed" in rep["stages"][1] else not rep["stages"][1].get("failed")
     assert "Overall: not measured" in (out / "report.md").read_text()
 
 
@@ -355,3 +358,61 @@ def test_numbers_in_exponent_form_are_numbers(tmp_path):
     p.write_text(p.read_text().replace("rank: 5e-1", "rank: 1e5x"))   # not a number: still text, refused
     with pytest.raises(RecipeError, match="rank"):
         load_recipe(str(p))
+
+
+@pytest.mark.parametrize("steps,match", [
+    ([{"quantize": {"scheme": "int8", "group-size": 32}}], r"step 1 \(quantize\): --group-size applies to --scheme int4"),
+    ([{"quantize": {"scheme": "int4", "act-order": True}}], "--act-order applies to --method gptq"),
+    ([{"export-onnx": {"chunk-len": 32}}], r"step 1 \(export-onnx\): --chunk-len applies to --mode sequence"),
+    ([{"convert": {"format": "safetensors", "quant": "Q4_0"}}], "--quant applies to GGUF output"),
+    ([{"lowrank": {"rank": 0.5}, "sweep": {"rank": [0.5, 7.5]}}], r"sweep rank=7.5: rank 7.5 >= 1 is an absolute rank"),
+    ([{"recursive": {"blocks": 0}}], "blocks must be a positive integer"),
+    ([{"eval": {"max-tokens": 1}}], "--max-tokens must be at least 2"),
+    ([{"quantize": {"scheme": "int8"}}, {"heal": {"tokens": 0}}], r"step 2 \(heal\):.*tokens"),
+])
+def test_check_refuses_what_the_steps_command_would_refuse(tmp_path, steps, match):
+    """Options each valid alone but refused by the step's command (its own option check, run by
+    `recipe check` on the command line a run would build) passed `recipe check` and failed only
+    when the stage ran."""
+    path = write(tmp_path, base(steps=steps))
+    res = runner.invoke(main, ["recipe", "check", path])
+    assert res.exit_code == 2 and "internal error" not in res.output, res.output
+    assert re.search(match, res.output), res.output
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(path)
+
+
+def test_check_and_run_refuse_missing_inputs_before_any_work(tmp_path):
+    """A missing calibration text (or evaluation text, or source model) passed `recipe check` and
+    failed its stage after the source and earlier stages had been measured and run."""
+    doc = base(steps=[{"quantize": {"scheme": "int8"}},
+                      {"quantize": {"scheme": "Q4_0", "method": "gptq", "calib": "texts/nope.txt"}}])
+    doc["eval"]["text"] = str(tmp_path / "gone.txt")
+    path = write(tmp_path, doc)
+    res = runner.invoke(main, ["recipe", "check", path])
+    assert res.exit_code == 2, res.output
+    assert f"eval text {tmp_path / 'gone.txt'}" in res.output
+    assert f"step 2 (quantize) calib {tmp_path / 'texts' / 'nope.txt'}" in res.output   # relative to the recipe
+    out = tmp_path / "out"
+    res = runner.invoke(main, ["recipe", "run", path, "--out", str(out)])
+    assert res.exit_code == 2 and "not found" in res.output and not out.exists(), res.output
+    res = runner.invoke(main, ["recipe", "check", path, "--model", str(tmp_path / "m.pth")])
+    assert f"source model {tmp_path / 'm.pth'}" in res.output
+    # a sweep's path values: expanded like the step's own and checked too
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("calibration text")
+    doc = base(steps=[{"quantize": {"scheme": "Q4_0", "method": "gptq"},
+                       "sweep": {"calib": ["texts/a.txt", "texts/b.txt"]}}])
+    path = write(tmp_path, doc)
+    res = runner.invoke(main, ["recipe", "check", path])
+    assert res.exit_code == 2 and f"calib {tmp_path / 'texts' / 'b.txt'}" in res.output, res.output
+    assert str(tmp_path / "texts" / "a.txt") not in res.output
+    r = load_recipe(path)
+    assert r.steps[0].sweep == ("calib", [str(tmp_path / "texts" / "a.txt"), str(tmp_path / "texts" / "b.txt")])
+
+
+def test_check_without_a_model_says_run_needs_one(tmp_path):
+    doc = base()
+    del doc["model"]
+    res = runner.invoke(main, ["recipe", "check", write(tmp_path, doc)])
+    assert res.exit_code == 0 and "--model" in res.output, res.output

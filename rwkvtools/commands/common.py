@@ -12,6 +12,27 @@ from ..io.paths import output_guard as _guard
 
 
 
+# command name -> the check of its options that needs no file (see option_check)
+OPTION_CHECKS: dict = {}
+
+
+def option_check(command: str):
+    """Register ``fn(dst, opts, given)``: everything about a command's options (and DST's name)
+    that can be refused without reading a file. The command runs it first; `recipe check` runs
+    the same function on every step, so a recipe is refused for what its run would refuse.
+    ``given`` holds the names of the options set explicitly (not left at their defaults)."""
+    def deco(fn):
+        OPTION_CHECKS[command] = fn
+        return fn
+    return deco
+
+
+def given_options(ctx) -> frozenset:
+    """The parameters of a parsed command line that were set, not left at their defaults."""
+    return frozenset(n for n in ctx.params
+                     if ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT))
+
+
 def output_guard(src: str | None, dst: str, force: bool, inputs: dict | None = None,
                  report: str | None = None, fmt: str | None = None) -> None:
     """rwkvtools.io.paths.output_guard, its refusals as the command's error (exit 2)."""

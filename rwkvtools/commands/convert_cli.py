@@ -5,7 +5,7 @@ import click
 
 from ..cli import handle_errors, main, UserError
 from ..io.writers import WRITER_OPTIONS
-from .common import finish, output_guard, print_summary, validation_options
+from .common import finish, option_check, output_guard, print_summary, validation_options
 
 
 def _writer_options(pairs) -> dict:
@@ -64,22 +64,31 @@ def convert(src, dst, to, fmt, dtype, rescale_every, cpp_type, quant, writer_opt
     handle_errors(_convert)(src, dst, to, fmt, dtype, rescale_every, cpp_type, writer_opts, progress, opts, quant)
 
 
-def _convert(src, dst, to, fmt, dtype, rescale_every, cpp_type, writer_opts, progress, opts, quant=None):
-    from ..io.atomic import staged_output
+@option_check("convert")
+def check_options(dst, opts, given=frozenset()):
+    """convert's options and DST's format, checked before any file is read: (format, the writer's
+    options)."""
     from ..io.writers import check_writer_options, format_from_path
-    from ..transforms.convert import convert as do_convert
-    fmt = fmt or format_from_path(dst)
-    output_guard(src, dst, opts.get("force", False), {"--eval-text": opts.get("eval_text")},
-                 opts.get("report"), fmt)
-    options = check_writer_options(fmt, _writer_options(writer_opts), from_cli=True)
-    if quant:
+    fmt = opts.get("fmt") or format_from_path(dst)
+    options = check_writer_options(fmt, _writer_options(opts.get("writer_opts") or ()), from_cli=True)
+    if opts.get("quant"):
         if fmt != "gguf":
             raise UserError("--quant applies to GGUF output (.gguf or --format gguf); for rwkv.cpp use --rwkvcpp-type")
-        options["quant"] = quant
-    if cpp_type:
+        options["quant"] = opts["quant"]
+    if opts.get("cpp_type"):
         if fmt != "rwkvcpp":
             raise UserError("--rwkvcpp-type applies to rwkv.cpp output (.bin or --format rwkvcpp)")
-        options["data_type"] = cpp_type
+        options["data_type"] = opts["cpp_type"]
+    return fmt, options
+
+
+def _convert(src, dst, to, fmt, dtype, rescale_every, cpp_type, writer_opts, progress, opts, quant=None):
+    from ..io.atomic import staged_output
+    from ..transforms.convert import convert as do_convert
+    from ..io.writers import format_from_path
+    output_guard(src, dst, opts.get("force", False), {"--eval-text": opts.get("eval_text")},
+                 opts.get("report"), fmt or format_from_path(dst))
+    fmt, options = check_options(dst, {"fmt": fmt, "writer_opts": writer_opts, "quant": quant, "cpp_type": cpp_type})
     # written under a temporary name, read back and checked, and only then renamed onto DST: a
     # failed check (or any failure) leaves no DST and an existing DST as it was
     with staged_output(dst) as staged:

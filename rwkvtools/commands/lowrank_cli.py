@@ -8,7 +8,7 @@ import time
 import click
 
 from ..cli import FINITE_FLOAT, UserError, handle_errors, main
-from .common import finish, output_guard, print_summary, run_validation, validation_options
+from .common import finish, option_check, output_guard, print_summary, run_validation, validation_options
 
 
 @main.command()
@@ -54,15 +54,11 @@ def lowrank(src, dst, **opts):
     handle_errors(_lowrank)(src, dst, opts)
 
 
-def _lowrank(src, dst, opts):
-    from ..io import read_checkpoint
-    from ..io.writers import format_from_path, write_checkpoint
-    from ..spec import detect
-    from ..transforms.lowrank import LowRankConfig, calibration_tokens, lowrank
-    from ..transforms import prepare_for_model
-
-    output_guard(src, dst, opts["force"], {"--calib": opts["calib"], "--eval-text": opts["eval_text"]},
-                 opts["report"])
+@option_check("lowrank")
+def check_options(dst, opts, given=frozenset()):
+    """lowrank's options and DST's format, checked before any file is read; the config."""
+    from ..io.writers import format_from_path
+    from ..transforms.lowrank import LowRankConfig
     fmt = format_from_path(dst)
     if fmt in ("rwkvcpp", "gguf", "hf") and not opts["merge"]:
         raise UserError(f"{dst}: the {fmt} format has no low-rank layers; pass --merge to write dense weights, "
@@ -72,9 +68,21 @@ def _lowrank(src, dst, opts):
     rank = opts["rank"]
     if rank >= 1 and rank == int(rank):
         rank = int(rank)
-    cfg = LowRankConfig(rank=rank, method=opts["method"], targets=opts["targets"], alloc=opts["alloc"],
-                        calib_tokens=opts["calib_tokens"], chunk_len=opts["chunk_len"], damp=opts["damp"],
-                        merge=opts["merge"])
+    return LowRankConfig(rank=rank, method=opts["method"], targets=opts["targets"], alloc=opts["alloc"],
+                         calib_tokens=opts["calib_tokens"], chunk_len=opts["chunk_len"], damp=opts["damp"],
+                         merge=opts["merge"])
+
+
+def _lowrank(src, dst, opts):
+    from ..io import read_checkpoint
+    from ..io.writers import write_checkpoint
+    from ..spec import detect
+    from ..transforms.lowrank import calibration_tokens, lowrank
+    from ..transforms import prepare_for_model
+
+    output_guard(src, dst, opts["force"], {"--calib": opts["calib"], "--eval-text": opts["eval_text"]},
+                 opts["report"])
+    cfg = check_options(dst, opts)
     progress = opts["progress"] if opts["progress"] is not None else sys.stderr.isatty()
     t0 = time.perf_counter()
     before = prepare_for_model(read_checkpoint(src))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..cli import FINITE_FLOAT, UserError, emit_json, handle_errors, main
+from .common import given_options, option_check
 
 
 @main.command(name="export-onnx")
@@ -55,17 +56,26 @@ def export_onnx_cmd(src, out, mode, dtype, opset, chunk_len, logits, linear_op, 
       rwkvtools export-onnx ../shared/fixtures/tiny-rwkv-4v0-660K.pth tiny4-fp16.onnx --dtype fp16 --json
       rwkvtools eval tiny7-step.onnx --text ../shared/data/wikitext-2-test.txt --max-tokens 1024
     """
-    ctx = click.get_current_context()
-    if mode == "step":  # options that only shape the sequence graph: refused rather than ignored
-        for opt, name in (("--chunk-len", "chunk_len"), ("--logits", "logits")):
-            if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT):
-                raise UserError(f"{opt} applies to --mode sequence (a step graph takes one token per call)")
+    given = given_options(click.get_current_context())
     handle_errors(_export)(src, out, mode, dtype, opset, int(chunk_len), logits, linear_op, no_validate, tol,
-                           external_data_threshold, report, as_json, force, progress)
+                           external_data_threshold, report, as_json, force, progress, given)
+
+
+@option_check("export-onnx")
+def check_options(out, opts, given):
+    """export-onnx's options and OUT's name, checked before any file is read."""
+    if opts["mode"] == "step":  # options that only shape the sequence graph: refused rather than ignored
+        for opt, name in (("--chunk-len", "chunk_len"), ("--logits", "logits")):
+            if name in given:
+                raise UserError(f"{opt} applies to --mode sequence (a step graph takes one token per call)")
+    if not str(out).endswith(".onnx"):
+        raise UserError(f"{out}: the output file name must end in .onnx")
+    if opts["external_data_threshold"] < 0:
+        raise UserError("--external-data-threshold must not be negative")
 
 
 def _export(src, out, mode, dtype, opset, chunk_len, logits, linear_op, no_validate, tol, threshold, report_path,
-            as_json, force, progress):
+            as_json, force, progress, given=frozenset()):
     import os
 
     from ..errors import GateError
@@ -77,10 +87,7 @@ def _export(src, out, mode, dtype, opset, chunk_len, logits, linear_op, no_valid
     if report_path and os.path.realpath(os.path.abspath(report_path)) == os.path.realpath(os.path.abspath(out + ".data")):
         raise UserError(f"--report {report_path} is where OUT's external weights go ({os.path.basename(out)}.data); "
                         "choose another report path")
-    if not str(out).endswith(".onnx"):
-        raise UserError(f"{out}: the output file name must end in .onnx")
-    if threshold < 0:
-        raise UserError("--external-data-threshold must not be negative")
+    check_options(out, {"mode": mode, "external_data_threshold": threshold}, given)
     # exported (and checked) under a temporary name, then renamed onto OUT with its OUT.data:
     # any failure leaves neither behind, and existing ones as they were
     with staged_output(out, companions=(".data",)) as staged:

@@ -10,7 +10,8 @@ import time
 import click
 
 from ..cli import FINITE_FLOAT, UserError, handle_errors, main
-from .common import finish, output_guard, print_summary, run_validation, validation_options
+from .common import (finish, given_options, option_check, output_guard, print_summary, run_validation,
+                     validation_options)
 
 SCHEME_CHOICES = ["int8", "int4", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 
@@ -91,24 +92,17 @@ def quantize(src, dst, **opts):
           --group-size 32 --skip 'blocks.0.*' --include head.weight
       rwkvtools inspect /tmp/q8.safetensors
     """
-    ctx = click.get_current_context()
-    if opts["scheme"] != "int4" and ctx.get_parameter_source("group_size") not in (
-            None, click.core.ParameterSource.DEFAULT):  # refused rather than ignored
-        raise UserError(f"--group-size applies to --scheme int4 ({opts['scheme']} has its own grouping: "
-                        f"{'one scale per output channel' if opts['scheme'] == 'int8' else 'ggml blocks'})")
-    handle_errors(_quantize)(src, dst, opts)
+    handle_errors(_quantize)(src, dst, opts, given_options(click.get_current_context()))
 
 
-def _quantize(src, dst, opts):
-    from ..io import read_checkpoint
-    from ..spec import detect
-    from ..transforms import prepare_for_model
-    from ..transforms.quantize import (BLOCK_SCHEMES, KQUANT_SCHEMES, QuantizeConfig, apply, calibration_tokens,
-                                       plan, write_quantized)
-
-    output_guard(src, dst, opts["force"], {"--calib": opts["calib"], "--eval-text": opts["eval_text"]},
-                 opts["report"])
+@option_check("quantize")
+def check_options(dst, opts, given):
+    """quantize's options and DST's extension, checked before any file is read; the config."""
+    from ..transforms.quantize import BLOCK_SCHEMES, KQUANT_SCHEMES, QuantizeConfig
     scheme = opts["scheme"]
+    if scheme != "int4" and "group_size" in given:  # refused rather than ignored
+        raise UserError(f"--group-size applies to --scheme int4 ({scheme} has its own grouping: "
+                        f"{'one scale per output channel' if scheme == 'int8' else 'ggml blocks'})")
     ext = os.path.splitext(dst)[1].lower()
     if scheme in KQUANT_SCHEMES and ext != ".gguf":
         raise UserError(f"{dst}: {scheme} is a K-quant, written as a llama.cpp GGUF file: use a .gguf output "
@@ -131,13 +125,26 @@ def _quantize(src, dst, opts):
         raise UserError("--tune-steps must be 0 (off) or positive")
     if opts["act_order"] and method != "gptq":
         raise UserError("--act-order applies to --method gptq")
-    cfg = QuantizeConfig(scheme=scheme, method=method, group_size=int(opts["group_size"]),
-                         skip=tuple(opts["skip"]), include=tuple(opts["include"]),
-                         calib_tokens=opts["calib_tokens"], chunk_len=opts["chunk_len"], damp=opts["damp"],
-                         act_order=opts["act_order"], clip=opts["clip"],
-                         target="gguf" if ext == ".gguf" else "rwkvcpp", tune_steps=opts["tune_steps"],
-                         tune_lr=opts["tune_lr"], tune_tokens=opts["tune_tokens"], tune_batch=opts["tune_batch"],
-                         tune_seq=opts["tune_seq"])
+    return QuantizeConfig(scheme=scheme, method=method, group_size=int(opts["group_size"]),
+                          skip=tuple(opts["skip"]), include=tuple(opts["include"]),
+                          calib_tokens=opts["calib_tokens"], chunk_len=opts["chunk_len"], damp=opts["damp"],
+                          act_order=opts["act_order"], clip=opts["clip"],
+                          target="gguf" if ext == ".gguf" else "rwkvcpp", tune_steps=opts["tune_steps"],
+                          tune_lr=opts["tune_lr"], tune_tokens=opts["tune_tokens"], tune_batch=opts["tune_batch"],
+                          tune_seq=opts["tune_seq"])
+
+
+def _quantize(src, dst, opts, given):
+    from ..io import read_checkpoint
+    from ..spec import detect
+    from ..transforms import prepare_for_model
+    from ..transforms.quantize import apply, calibration_tokens, plan, write_quantized
+
+    output_guard(src, dst, opts["force"], {"--calib": opts["calib"], "--eval-text": opts["eval_text"]},
+                 opts["report"])
+    cfg = check_options(dst, opts, given)
+    scheme, method, tuning = cfg.scheme, cfg.method, cfg.tune_steps > 0
+    ext = os.path.splitext(dst)[1].lower()
     progress = opts["progress"] if opts["progress"] is not None else sys.stderr.isatty()
     t0 = time.perf_counter()
     before = prepare_for_model(read_checkpoint(src))

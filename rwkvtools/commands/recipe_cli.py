@@ -23,20 +23,27 @@ def recipe():
 
 @recipe.command()
 @click.argument("recipe_file", type=click.Path())
-def check(recipe_file):
-    """Validate a recipe against the schema before anything runs.
+@click.option("--model", default=None, type=click.Path(), help="Source model (overrides the recipe's 'model').")
+def check(recipe_file, model):
+    """Check a recipe before anything runs: the schema, every step's options as its command
+    would check them (e.g. quantize's --group-size only with int4), and that the files it reads
+    (source model, evaluation text, path options such as calib) exist.
 
     \b
-    Example:
+    Examples:
       rwkvtools recipe check recipes/int8.yaml
+      rwkvtools recipe check recipes/sweep-lowrank.yaml --model my.pth
     """
-    handle_errors(_check)(recipe_file)
+    handle_errors(_check)(recipe_file, model)
 
 
-def _check(recipe_file):
-    from ..recipes import load_recipe
+def _check(recipe_file, model):
+    from ..recipes import check_inputs, load_recipe
     r = load_recipe(recipe_file)
-    click.echo(f"{recipe_file}: ok ({len(r.steps)} steps: {', '.join(s.kind for s in r.steps)})")
+    check_inputs(r, model)
+    src = model or r.model
+    click.echo(f"{recipe_file}: ok ({len(r.steps)} steps: {', '.join(s.kind for s in r.steps)})"
+               + ("" if src else "; no source model in the recipe: give one with --model when running it"))
 
 
 @recipe.command()
@@ -60,8 +67,10 @@ def run(recipe_file, model, out_dir, as_json, summary):
 
 
 def _run(recipe_file, model, out_dir, as_json, summary):
-    from ..recipes import load_recipe, markdown_table, run as run_recipe
+    from ..recipes import check_inputs, load_recipe, markdown_table, run as run_recipe
     r = load_recipe(recipe_file)
+    if model or r.model:
+        check_inputs(r, model)  # before --out is made: a missing file is found now, not at its stage
     _guard(r, model or r.model, out_dir, summary)
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
     report = run_recipe(r, out_dir, model=model, log=log)

@@ -9,7 +9,7 @@ import time
 import click
 
 from ..cli import FINITE_FLOAT, SEED, UserError, handle_errors, main
-from .common import finish, output_guard, print_summary, run_validation, validation_options
+from .common import finish, option_check, output_guard, print_summary, run_validation, validation_options
 
 
 def _format(dst: str) -> str:
@@ -116,16 +116,32 @@ def _merge_only(src, dst, src_ck, fmt, opts):
     finish(report, opts)
 
 
+@option_check("recursive")
+def check_options(dst, opts, given=frozenset()):
+    """recursive's options and DST's format, checked before any file is read; the config (None
+    without --blocks, which only expanding a recursive SRC with --merge may leave out)."""
+    from ..transforms.recursive import RecursiveConfig
+    _writable_format(dst, opts["merge"])
+    if opts["calib_tokens"] < 2:
+        raise UserError("--calib-tokens must be at least 2")
+    if opts["blocks"] is None:
+        return None
+    return RecursiveConfig(blocks=opts["blocks"], order=opts["order"], init=opts["init"], lora_rank=opts["lora_rank"],
+                           lora_method=opts["lora_method"], share=opts["share"], keep_first=opts["keep_first"],
+                           keep_last=opts["keep_last"], calib_tokens=opts["calib_tokens"], seed=opts["seed"])
+
+
 def _recursive(src, dst, opts):
     from ..io import read_checkpoint
     from ..io.writers import write_checkpoint
     from ..spec import detect
     from ..transforms import prepare_for_model
     from ..transforms.lowrank import calibration_tokens
-    from ..transforms.recursive import RecursiveConfig, apply, merge, plan
+    from ..transforms.recursive import apply, merge, plan
 
     output_guard(src, dst, opts["force"], {"--calib": opts["calib"], "--eval-text": opts["eval_text"]},
                  opts["report"])
+    cfg = check_options(dst, opts)
     fmt = _writable_format(dst, opts["merge"])
     src_ck = read_checkpoint(src)
     if "shared.map" in src_ck.tensors:
@@ -133,13 +149,8 @@ def _recursive(src, dst, opts):
             raise UserError(f"{src} is already recursive: pass --merge to expand it into a plain checkpoint, or start "
                             "from the original model to collapse it differently")
         return _merge_only(src, dst, src_ck, fmt, opts)
-    if opts["blocks"] is None:
+    if cfg is None:
         raise UserError("--blocks K is required (the number of shared blocks)")
-    if opts["calib_tokens"] < 2:
-        raise UserError("--calib-tokens must be at least 2")
-    cfg = RecursiveConfig(blocks=opts["blocks"], order=opts["order"], init=opts["init"], lora_rank=opts["lora_rank"],
-                          lora_method=opts["lora_method"], share=opts["share"], keep_first=opts["keep_first"],
-                          keep_last=opts["keep_last"], calib_tokens=opts["calib_tokens"], seed=opts["seed"])
     progress = opts["progress"] if opts["progress"] is not None else sys.stderr.isatty()
     t0 = time.perf_counter()
     before = prepare_for_model(src_ck)
@@ -227,25 +238,32 @@ def heal(src, dst, **opts):
     handle_errors(_heal)(src, dst, opts)
 
 
+@option_check("heal")
+def check_heal_options(dst, opts, given=frozenset()):
+    """heal's options, checked before any file is read; the config."""
+    from ..transforms.heal import HealConfig
+    return HealConfig(tokens=opts["tokens"], seq_len=opts["seq_len"], batch_size=opts["batch_size"], lr=opts["lr"],
+                      train=opts["train"], lm_weight=opts["lm_weight"], temperature=opts["temperature"],
+                      seed=opts["seed"], device=opts["device"])
+
+
 def _heal(src, dst, opts):
     from ..io import read_checkpoint
     from ..io.writers import check_writable, write_checkpoint
     from ..spec import detect
     from ..transforms import prepare_for_model
-    from ..transforms.heal import HealConfig, heal
+    from ..transforms.heal import heal
     from ..validate import Gate, apply_gates, logits_drift, text_tokens
 
     output_guard(src, dst, opts["force"], {"--teacher": opts["teacher"], "--text": opts["text"],
                                            "--eval-text": opts["eval_text"]}, opts["report"])
+    cfg = check_heal_options(dst, opts)
     student = read_checkpoint(src)
     if "shared.map" in student.tensors and _format(dst) not in ("safetensors", "pth"):
         raise UserError(f"{dst}: a healed recursive checkpoint is written as .safetensors or .pth; expand it "
                         "afterwards with 'rwkvtools recursive HEALED PLAIN --merge'")
     check_writable(student, _format(dst))  # the healed model keeps the student's representation
     teacher = read_checkpoint(opts["teacher"])
-    cfg = HealConfig(tokens=opts["tokens"], seq_len=opts["seq_len"], batch_size=opts["batch_size"], lr=opts["lr"],
-                     train=opts["train"], lm_weight=opts["lm_weight"], temperature=opts["temperature"],
-                     seed=opts["seed"], device=opts["device"])
     spec = detect(prepare_for_model(teacher).tensors, teacher.manifest)
     train = text_tokens(opts["text"], spec.vocab, "calib", opts["tokenizer"], None, opts["encoding"])
     ev = None
