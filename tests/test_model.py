@@ -255,3 +255,36 @@ def test_validate_transform_report_equals_a_direct_computation(tiny_models):
     assert rep["bytes_after"] == sum(after.tensors[k].numel() * (2 if after.tensors[k].dtype == torch.float16 else 4)
                                      for k in after.tensors)
     assert rep["passed"] is True and rep["gates"][0]["metric"] == "ppl_increase_pct"
+
+
+def _bad_calls(model, vocab):
+    """(tokens, state, message) a caller can get wrong, each with what the error must say."""
+    st2 = model.init_state(2)
+    return [
+        (torch.tensor([[vocab]]), None, f"token id {vocab} is outside the model's vocabulary \\(0..{vocab - 1}\\)"),
+        (torch.tensor([[3, -1]]), None, "token id -1 is outside"),
+        (torch.tensor([[1.0]]), None, "integer ids, got torch.float32"),
+        (torch.tensor([[True]]), None, "integer ids, got torch.bool"),
+        (torch.tensor([1, 2]), None, r"\(batch, time\), got shape \(2,\)"),
+        (torch.zeros(1, 0, dtype=torch.long), None, "at least one position"),
+        (torch.tensor([[1]]), st2, r"for a batch of 1 \(init_state\(batch_size\)"),
+        (torch.tensor([[1]]), {"x": torch.zeros(1)}, "state must be a dict of"),
+    ]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_bad_calls_are_clear_value_errors(tiny_models, version):
+    """Token ids outside the vocabulary, float tokens and a state of another batch or model were an
+    IndexError / RuntimeError from inside torch (or, for floats on the ONNX path, silently
+    truncated); now one ValueError that says what is wrong."""
+    model = build_model(tiny_models[version])
+    vocab = model.spec.vocab
+    for tokens, state, match in _bad_calls(model, vocab):
+        with pytest.raises(ValueError, match=match):
+            model(tokens, state)
+    # what is right still runs: int32 and other integer dtypes, a list, the last id
+    for toks in (torch.tensor([[1, vocab - 1]], dtype=torch.int32), torch.tensor([[1, 2]], dtype=torch.uint8),
+                 [[1, vocab - 1]]):
+        with torch.no_grad():
+            logits, _ = model(toks, model.init_state(1))
+        assert logits.shape == (1, 2, vocab)

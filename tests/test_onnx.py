@@ -537,6 +537,26 @@ def test_onnx_model_refuses_metadata_that_lacks_a_layer_of_a_state(tmp_path, tin
         OnnxModel(str(path))
 
 
+@pytest.mark.parametrize("vocab,match", [(-3, "vocab -3"), (0, "vocab 0"),
+                                         (300, "vocab 300 in the metadata, logits of 97 in the graph")])
+def test_onnx_model_refuses_a_vocab_the_graph_does_not_have(tmp_path, tiny_models, vocab, match):
+    """The metadata's vocab bounds the token ids OnnxModel accepts: one that is not positive, or
+    not the graph's logits width, is refused when the file is opened (a negative one loaded and
+    then refused every token)."""
+    path = tmp_path / "m.onnx"
+    export(tiny_models["7"], path, mode="step", validate=False)
+    assert OnnxModel(str(path)).vocab == 97
+    m = onnx.load(str(path))
+    for p in m.metadata_props:
+        if p.key == "rwkvtools":
+            meta = json.loads(p.value)
+            meta["vocab"] = vocab
+            p.value = json.dumps(meta)
+    onnx.save(m, str(path))
+    with pytest.raises(RwkvToolsError, match=f"unreadable rwkvtools metadata.*{match}"):
+        OnnxModel(str(path))
+
+
 # ------------------------------------------------------------------ mutation audit additions
 def test_v6_decays_beyond_the_log_decay_floor_stay_finite_and_match(tmp_path, tiny_models):
     """v6 takes log-decay = max(-exp(ww), -60) as model/v6.py does: where exp(ww) overflows fp32
@@ -866,3 +886,19 @@ def test_export_that_onnxruntime_cannot_load_names_out_and_the_opset(tmp_path, m
     assert f"error: {out}: onnxruntime {ort.__version__} cannot load it (Unsupported model IR version: 99" in r.output
     assert "try a lower --opset (default 17)" in r.output and ".rwkvtools-" not in r.output, r.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_model_bad_calls_are_clear_value_errors(tmp_path, tiny_models):
+    """OnnxModel takes the same inputs as the reference model and refuses the same mistakes with
+    the same messages (float tokens were truncated to ids, out-of-range ids failed inside
+    onnxruntime's Gather)."""
+    from test_model import _bad_calls
+    from rwkvtools.export.onnx_eval import OnnxModel
+    p = str(tmp_path / "m.onnx")
+    export(tiny_models["7"], p)
+    om = OnnxModel(p)
+    for tokens, state, match in _bad_calls(om, om.vocab):
+        with pytest.raises(ValueError, match=match):
+            om(tokens, state)
+    logits, _ = om(torch.tensor([[1, om.vocab - 1]], dtype=torch.int32))
+    assert tuple(logits.shape) == (1, 2, om.vocab)

@@ -68,6 +68,8 @@ class OnnxModel:
             if not isinstance(self.meta, dict):
                 raise ValueError("not a JSON object")
             self.vocab = int(self.meta["vocab"])
+            if not 0 < self.vocab < 1 << 31:
+                raise ValueError(f"vocab {self.vocab}")
             self.mode = self.meta["mode"]
             self.n_layer = int(self.meta["n_layer"])
             self._layout(self.meta["states"])
@@ -126,6 +128,9 @@ class OnnxModel:
         outs = {o.name for o in self.session.get_outputs()}
         if "tokens" not in ins or "logits" not in outs:
             raise ValueError("the graph has no 'tokens' input or no 'logits' output")
+        lshape = next(o.shape for o in self.session.get_outputs() if o.name == "logits")
+        if lshape and type(lshape[-1]) is int and lshape[-1] != self.vocab:
+            raise ValueError(f"vocab {self.vocab} in the metadata, logits of {lshape[-1]} in the graph")
         total, fed = 0, {"tokens"}
         for group, shape in self.states:
             names = self.parts[group]
@@ -169,12 +174,12 @@ class OnnxModel:
         return res["logits"], new
 
     def forward(self, tokens, state: dict | None = None):
-        toks = torch.as_tensor(tokens, dtype=torch.long)
-        if toks.dim() != 2:
-            raise ValueError(f"tokens must be (batch, time), got shape {tuple(toks.shape)}")
-        B, T = toks.shape
-        if T == 0:
-            raise ValueError("tokens must hold at least one position")
+        from ..model.common import check_call
+        toks = torch.as_tensor(tokens)
+        B = toks.shape[0] if toks.dim() else 0
+        toks = check_call(toks, state, self.vocab, {n: [B if d == "batch" else int(d) for d in shp]
+                                                    for n, shp in self.states})
+        T = toks.shape[1]
         state = state if state is not None else self.init_state(B)
         arr = toks.cpu().numpy().astype(np.int64)
         if self.mode == "step":

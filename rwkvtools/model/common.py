@@ -19,6 +19,35 @@ LN_EPS = 1e-5
 GN_EPS = 64e-5  # official v5/v6/v7 group-norm eps (= GN(y/8, 1e-5)); rwkv.cpp uses 1e-5 for v5
 
 
+def check_call(tokens, state, vocab: int, shapes: dict) -> torch.Tensor:
+    """A forward call's inputs as a model needs them, else a ValueError saying what is wrong (not
+    an IndexError or a shape mismatch from deep inside): ``tokens`` integer ids (batch, time),
+    time >= 1, each in [0, vocab); ``state``, when given, exactly the model's state tensors at
+    ``shapes`` (for this batch). Returns the tokens as int64 (int32 kept)."""
+    tokens = torch.as_tensor(tokens)
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
+    if tokens.dtype == torch.bool or tokens.dtype.is_floating_point or tokens.dtype.is_complex:
+        raise ValueError(f"tokens must be integer ids, got {tokens.dtype}")
+    if tokens.shape[1] == 0:
+        raise ValueError("tokens must hold at least one position")
+    if tokens.numel():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the model's vocabulary (0..{vocab - 1})")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        tokens = tokens.long()
+    if state is not None:
+        if not isinstance(state, dict) or set(state) != set(shapes):
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"state must be a dict of {sorted(shapes)}, got {got}")
+        for k, shp in shapes.items():
+            if tuple(state[k].shape) != tuple(shp):
+                raise ValueError(f"state['{k}'] has shape {tuple(state[k].shape)}, this model expects {tuple(shp)} "
+                                 f"for a batch of {tokens.shape[0]} (init_state(batch_size) makes an empty one)")
+    return tokens
+
+
 def token_shift(xx: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     """x~' for every position: the previous position's x~, the carried state at position 0."""
     if xx.shape[1] == 1:
@@ -126,8 +155,9 @@ class RWKV(nn.Module):
 
     def forward_hidden(self, tokens: torch.Tensor, state: dict | None = None):
         """Final hidden states after ln_out (B, T, C) and the new state."""
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
+        if not isinstance(tokens, torch.Tensor):
+            tokens = torch.as_tensor(tokens, device=self.emb.device)
+        tokens = check_call(tokens, state, self.spec.vocab, self.state_shapes(tokens.shape[0] if tokens.dim() else 0))
         B = tokens.shape[0]
         if state is None:
             state = self.init_state(B)
