@@ -894,3 +894,36 @@ def test_writer_option_table_matches_the_writers_signatures():
     for fmt, fn in writers.items():
         params = set(inspect.signature(fn).parameters) - {"ckpt", "path", "progress"}
         assert params == set(WRITER_OPTIONS[fmt]) | set(PYTHON_ONLY_OPTIONS.get(fmt, ())), fmt
+
+
+def test_a_readers_source_format_is_not_written_into_safetensors(tmp_path):
+    """What the rwkv.cpp (HF, GGUF) reader records of the file it read went into the manifest of a
+    .safetensors written from it: `inspect` of that file said 'stored as rwkvcpp data_type=FP16',
+    `convert` of it named rwkv.cpp as its source, and `quantize` of it to an rwkv.cpp .bin stored
+    its non-quantized tensors in FP16 although they were fp32."""
+    from rwkvtools.io.safetensors_io import read_safetensors
+    from rwkvtools.inspect import describe
+    st = str(tmp_path / "a.safetensors")
+    r = runner.invoke(main, ["convert", fixture_path("tiny-rwkv-7v0-834K-FP16.bin"), st, "--dtype", "fp32",
+                             "--no-validate", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["source_format"] == "rwkvcpp"                # the source itself: a .bin
+    ck = read_safetensors(st)
+    assert "source_format" not in ck.manifest and describe(ck).get("source_format") is None
+    assert ck.manifest["history"][-1]["transform"] == "cast"                 # the history is kept
+    r = runner.invoke(main, ["convert", st, str(tmp_path / "a.pth"), "--no-validate", "--json"])
+    assert json.loads(r.output)["source_format"] == "safetensors"
+    q = str(tmp_path / "q.bin")
+    r = runner.invoke(main, ["quantize", st, q, "--scheme", "Q5_1", "--no-validate"])
+    assert r.exit_code == 0, r.output
+    assert read_checkpoint(q).manifest["source_format"]["tensor_types"] == ["FP32", "Q5_1"]   # not FP16
+    # a file written with the stale entry (earlier builds) reads without it
+    old = str(tmp_path / "old.safetensors")
+    stale = Checkpoint(ck.tensors, {**ck.manifest, "source_format": {"format": "rwkvcpp", "data_type": "FP16"}})
+    import safetensors.torch
+    from safetensors import safe_open
+    safetensors.torch.save_file({k: ck.tensors[k].contiguous() for k in ck.tensors}, old,
+                                metadata={"rwkvtools": json.dumps(stale.manifest)})
+    with safe_open(old, "pt") as f:
+        assert "source_format" in json.loads(f.metadata()["rwkvtools"])
+    assert "source_format" not in read_safetensors(old).manifest

@@ -54,6 +54,9 @@ def read_safetensors(path: str) -> Checkpoint:
     manifest = default_manifest()
     if META_KEY in meta:
         manifest = parse_manifest(meta[META_KEY], f"{path} (metadata '{META_KEY}')")
+        # what an earlier reader said of the file it read (rwkv.cpp, HF, GGUF): not this file (written
+        # into safetensors metadata by earlier builds; rwkv.cpp's writer and quantize decide by it)
+        manifest.pop("source_format", None)
     # keep the writer's order (data offsets), not the library's alphabetical one
     names = sorted(handle.keys(), key=lambda k: (header[k]["data_offsets"][0], header[k]["data_offsets"][1], k))
     shapes = {k: tuple(header[k]["shape"]) for k in names}
@@ -77,7 +80,8 @@ def write_safetensors(ckpt: Checkpoint, path: str, progress: bool | None = None,
     from ..checkpoint import tensor_dtype, tensor_shape
     t = ckpt.tensors
     names = list(t)
-    header: dict = {"__metadata__": {**(extra_metadata or {}), META_KEY: json.dumps(ckpt.manifest, sort_keys=True)}}
+    manifest = {k: v for k, v in ckpt.manifest.items() if k != "source_format"}  # the reader's, not this file's
+    header: dict = {"__metadata__": {**(extra_metadata or {}), META_KEY: json.dumps(manifest, sort_keys=True)}}
     off = 0
     for k in names:
         dt = tensor_dtype(t, k)
