@@ -282,6 +282,25 @@ def test_refactoring_a_factored_checkpoint_and_dtypes():
     assert [h["transform"] for h in b.history][-2:] == ["lowrank", "lowrank"]
 
 
+@pytest.mark.parametrize("alloc", ["uniform", "energy"])
+def test_refactoring_never_raises_a_stored_rank(alloc):
+    """A factored target re-factored at a larger rank (a larger share, or an absolute rank above
+    the stored one) grew the file with zero-energy directions (ranks 16-26 -> 36 at 0.7); the rank
+    only goes down, as the README says."""
+    ck = random_checkpoint("5.2", n_layer=2, n_embd=64, vocab=97, head_size=16, seed=5)
+    a = lowrank(ck, LowRankConfig(rank=0.3, method="svd", alloc=alloc))
+    stored = {n: a.tensors[n].shape[1] for n in a.tensors if n.endswith(".weight_u")}
+    for rank in (0.7, 0.95, 40):
+        b = lowrank(a, LowRankConfig(rank=rank, method="svd", alloc=alloc))
+        assert {n: b.tensors[n].shape[1] for n in stored} == stored, rank
+        assert b.num_params() == a.num_params()
+        assert b.history[-1]["plan"]["params_after"] == b.history[-1]["plan"]["params_before"]
+    c = lowrank(a, LowRankConfig(rank=4, method="svd", alloc=alloc))   # going down still works
+    assert all(c.tensors[n].shape[1] <= r for n, r in stored.items()) and c.num_params() < a.num_params()
+    if alloc == "uniform":
+        assert all(c.tensors[n].shape[1] == min(4, r) for n, r in stored.items())
+
+
 def test_unreadable_linear_forms_are_refused(tiny_models):
     ck = tiny_models["7"]
     t = dict(ck.tensors)
@@ -356,3 +375,25 @@ def test_cli_whiten_merge_and_errors(tmp_path):
     assert same.exit_code == 2 and "input" in same.output
     missing = _run("lowrank", tmp_path / "nope.pth", tmp_path / "y.pth", "--rank", 0.5)
     assert missing.exit_code == 2 and "Traceback" not in missing.output
+
+
+def test_refusals_of_factored_linears_name_a_merge_that_works(tmp_path):
+    """quantize of a checkpoint whose every linear is factored said 'every tensor is kept (check
+    --skip)' with no --skip given, and rwkv.cpp's refusal said 're-densify it' without saying how;
+    both now name the merge, and the merge they name keeps the model (the factors' product)."""
+    from rwkvtools.io import read_checkpoint
+    from rwkvtools.io.safetensors_io import write_safetensors
+    ck = random_checkpoint("5.2", n_layer=2, n_embd=64, vocab=256, head_size=16, seed=6)
+    lr = str(tmp_path / "lr.safetensors")
+    write_safetensors(lowrank(ck, LowRankConfig(rank=0.4, method="svd", targets="ffn+att")), lr)
+    r = _run("quantize", lr, str(tmp_path / "q.safetensors"), "--scheme", "int4", "--no-validate")
+    assert r.exit_code == 2 and "low-rank factors" in r.output and "check --skip" not in r.output, r.output
+    r = _run("convert", lr, str(tmp_path / "x.bin"), "--no-validate")
+    advice = "--merge --method svd --rank 100000 --targets ffn+att"      # time-mix linears are factored too
+    assert r.exit_code == 2 and advice in r.output, r.output
+    dense = str(tmp_path / "dense.safetensors")
+    r = _run("lowrank", lr, dense, *advice.split(), "--no-validate")
+    assert r.exit_code == 0, r.output
+    toks = _toks(40, vocab=256)
+    assert max_rel(_logits(read_checkpoint(dense), toks), _logits(read_checkpoint(lr), toks)) < 1e-4
+    assert _run("convert", dense, str(tmp_path / "x.bin"), "--no-validate").exit_code == 0

@@ -349,7 +349,11 @@ def check_writable(ckpt: Checkpoint):
         if f"{p}.weight" not in t:
             raise FormatError(f"rwkv.cpp needs dense matrices, but '{p}' is stored in another representation "
                               f"({', '.join(k for k in t if k.startswith(p + '.'))}); rwkv.cpp's loader only knows "
-                              "dense tensors: re-densify it or write .safetensors")
+                              "dense tensors: for low-rank factors merge them first (rwkvtools lowrank SRC DENSE "
+                              "--merge --method svd --rank 100000"
+                              + (" --targets ffn+att" if any(".att." in k for k in t if k.endswith(".weight_u")) else "")
+                              + ": a rank above the stored one keeps their product), or keep this checkpoint in "
+                              ".safetensors")
     unknown = [k for k in t if k not in lay]
     if unknown:
         raise FormatError(f"rwkv.cpp's loader does not know {len(unknown)} tensor(s) of this checkpoint, e.g. "

@@ -136,6 +136,14 @@ def _stored_dtype(tensors: Mapping, p: str) -> torch.dtype:
     return tensor_dtype(tensors, _stored_names(tensors, p)[0])
 
 
+def _stored_rank(tensors: Mapping, p: str) -> int:
+    """The rank a target can have at most: its stored factors' rank when already factored (a
+    product of rank r has no more directions), else min(m, n)."""
+    if f"{p}.weight" not in tensors:
+        return int(tensor_shape(tensors, f"{p}.weight_u")[1])
+    return min(linear_shape(tensors, p))
+
+
 def _dense64(tensors: Mapping, p: str) -> torch.Tensor:
     if f"{p}.weight" in tensors:
         return tensors[f"{p}.weight"].to(torch.float64)
@@ -356,6 +364,8 @@ def _plan_from_spectra(cfg: LowRankConfig, spec: ModelSpec, tensors: Mapping, pr
                                floor=[uni[i] for i in idx] if cfg.rank >= 1 else None)
             for i, r in zip(idx, got):
                 ranks[i] = r
+    # an already factored target is re-factored at its stored rank at most (rank only goes down)
+    ranks = [min(r, _stored_rank(tensors, p)) for p, r in zip(prefixes, ranks)]
     layers = []
     for p, (m, n), r in zip(prefixes, shapes, ranks):
         e = spectra[p].to(torch.float64).square()
