@@ -896,3 +896,32 @@ def test_llamacpp_world_tokenizer_matches_pyrwkv(tmp_path):
 def wikitext_tokens(n):
     from conftest import wikitext_bytes
     return wikitext_bytes(n)
+
+
+@pytest.mark.parametrize("transform", ["lowrank", "int4"])
+def test_densified_gguf_says_so(tmp_path, transform):
+    """convert of a low-rank (or int4) checkpoint to GGUF writes dense matrices: the report counted
+    the factors' parameters, listed them as 'unused by every runtime', and `inspect` of the GGUF
+    still showed the low-rank (int4) summary with no trace of the densification."""
+    from click.testing import CliRunner
+
+    from rwkvtools.cli import main
+    from rwkvtools.inspect import describe
+    from rwkvtools.io.safetensors_io import write_safetensors
+    from rwkvtools.transforms.lowrank import LowRankConfig, lowrank
+    from rwkvtools.transforms.quantize import QuantizeConfig, quantize
+    ck = random_checkpoint("7", n_layer=2, n_embd=64, vocab=256, head_size=16, seed=3)
+    t = (lowrank(ck, LowRankConfig(rank=0.5, method="svd")) if transform == "lowrank"
+         else quantize(ck, QuantizeConfig(scheme="int4", group_size=32)))
+    src, dst = str(tmp_path / "t.safetensors"), str(tmp_path / "t.gguf")
+    write_safetensors(t, src)
+    r = CliRunner().invoke(main, ["convert", src, dst, "--no-validate", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    out = read_checkpoint(dst)
+    assert rep["params"] == out.num_params() == ck.num_params() > t.num_params()
+    info = describe(out)
+    assert info.get(transform if transform == "lowrank" else "quantized") is None
+    assert [h["transform"] for h in info["history"]][-1] == "densify"
+    r = CliRunner().invoke(main, ["convert", src, str(tmp_path / "u.gguf")])
+    assert r.exit_code == 0 and "densified:" in r.output and "unused by every runtime" not in r.output, r.output

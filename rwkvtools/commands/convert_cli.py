@@ -124,6 +124,14 @@ def _summary_lines(report: dict) -> list[str]:
         else:
             lines.append(f"tensors: {tc['identical']}/{tc['compared']} identical, max |diff| "
                          f"{tc['max_abs_diff']:.3g} ({tc['max_abs_diff_tensor']})")
-        if tc.get("only_in_source"):
-            lines.append(f"not in output (unused by every runtime): {', '.join(tc['only_in_source'][:6])}")
+        dense = set(tc.get("only_in_output") or [])   # P.weight written for P's factors / int8-int4 codes
+        folded = [k for k in tc.get("only_in_source") or [] if k.rsplit(".", 1)[0] + ".weight" in dense]
+        unused = [k for k in tc.get("only_in_source") or [] if k not in folded]
+        if folded:
+            n = len({k.rsplit(".", 1)[0] for k in folded})
+            lines.append(f"densified: {n} low-rank or int8/int4 linears written as dense matrices "
+                         f"({', '.join(sorted({k.rsplit('.', 1)[0] for k in folded})[:4])}{', ...' if n > 4 else ''}); "
+                         "perplexity checks them")
+        if unused:
+            lines.append(f"not in output (unused by every runtime): {', '.join(unused[:6])}")
     return lines

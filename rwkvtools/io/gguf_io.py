@@ -607,6 +607,14 @@ def _manifest_for_file(ckpt: Checkpoint, dtype: str, quant: str | None) -> dict:
     m = dict(ckpt.manifest)
     m = json.loads(json.dumps(m, default=str))
     m.pop("source_format", None)
+    densified = sorted({n.rsplit(".", 1)[0] for n in ckpt.tensors
+                        if n.endswith((".weight_u", ".weight_int8", ".weight_int4"))})
+    if densified:  # the file holds dense matrices: no low-rank / int8-int4 summary describes it now
+        m.pop("lowrank", None)
+        m.pop("quantized", None)
+        m["history"] = list(m.get("history") or []) + [{
+            "transform": "densify", "options": {"format": "gguf"},
+            "summary": f"{len(densified)} low-rank or int8/int4 linears written as dense matrices"}]
     q = m.get("quantized")
     if isinstance(q, dict):  # keep the summary, not the per-tensor tables (they would weigh on small files)
         m["quantized"] = {k: v for k, v in q.items() if k not in ("tensors", "kept")}

@@ -196,9 +196,18 @@ def convert(src_path: str, dst_path: str, to: str | None = None, format: str | N
     return {"src": src_path, "dst": dst_path, "format": fmt, "version": spec.version,
             "form_before": src_form, "form_after": target_form,
             "dtype": dtype or options.get("data_type") or "unchanged",
-            "tensors": len(ck.tensors), "params": ck.num_params(),
+            "tensors": len(ck.tensors), "params": _written_params(dst_path, fmt, ck),
             "bytes_src": _size(src_path), "bytes_dst": _size(dst_path), "seconds": dt,
             "source_format": (src.manifest.get("source_format") or {}).get("format", _sniff(src_path))}
+
+
+def _written_params(path: str, fmt: str, ck: Checkpoint) -> int:
+    """Parameters of the file as written (a GGUF writer densifies low-rank and int8/int4
+    linears, so the checkpoint it was given may hold fewer); shapes only, nothing loaded."""
+    if fmt != "gguf":
+        return ck.num_params()
+    from ..io import read_checkpoint
+    return read_checkpoint(path).num_params()
 
 
 def _sniff(path: str) -> str:
