@@ -120,5 +120,9 @@ def format_onnx_description(info: dict) -> str:
     if info.get("source"):
         lines.append(f"exported    from {info['source']}")
     hist = info.get("history") or []
-    lines.append("history     " + (" -> ".join(str(h) for h in hist) if hist else "(none)"))
+    def step(h):  # {transform, options} (files before: the transform's name only)
+        if not isinstance(h, dict):
+            return str(h)
+        return f"{h.get('transform')}({', '.join(f'{k}={v}' for k, v in (h.get('options') or {}).items())})"
+    lines.append("history     " + (" -> ".join(step(h) for h in hist) if hist else "(none)"))
     return "\n".join(lines)

@@ -591,6 +591,14 @@ def test_cli_convert_to_gguf(tmp_path, shared):
     _, _, tensors, _ = _reader_fields(q)
     assert tensors["blk.3.channel_mix_value.weight"][1] == "Q4_K"
     assert tensors["blk.3.channel_mix_key.weight"][1] == "Q5_0"  # rows of 64: llama.cpp's fallback
+    # the lossy step is in the file's history (inspect said 'history (none: not written by rwkvtools)')
+    assert read_checkpoint(str(q)).history[-1] == {"transform": "convert",
+                                                   "options": {"format": "gguf", "quant": "Q4_K", "method": "rtn"}}
+    assert read_checkpoint(str(out)).history[-1] == {"transform": "convert",
+                                                     "options": {"format": "gguf", "dtype": "fp16"}}
+    plain = tmp_path / "plain.gguf"
+    assert r.invoke(main, ["convert", fixture_path("tiny-rwkv-7v0-834K.pth"), str(plain), "--no-validate"]).exit_code == 0
+    assert read_checkpoint(str(plain)).history == []              # a lossless conversion adds nothing
     for src, msg in ((fixture_path("tiny-rwkv-4v0-660K.pth"), "rwkv6, rwkv7"),):
         bad = tmp_path / "v4.gguf"
         res = r.invoke(main, ["convert", src, str(bad), "--no-validate"])

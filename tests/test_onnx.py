@@ -388,6 +388,24 @@ def test_external_data_with_lowered_threshold(tmp_path, tiny_models):
     assert "RWKV v6; sequence mode, fp32" in text and "external data" in text and "state_in_<name>.<layer>" in text
 
 
+def test_inspect_of_an_export_shows_each_transform_with_its_options(tmp_path, tiny_models):
+    """The .onnx's metadata kept only the transforms' names ('lowrank -> quantize'); it keeps each
+    step's options as the checkpoint's history has them (files written before: names, still shown)."""
+    from rwkvtools.inspect import format_onnx_description
+    from rwkvtools.io.safetensors_io import write_safetensors
+    from rwkvtools.transforms.lowrank import LowRankConfig, lowrank
+    src = tmp_path / "lr.safetensors"
+    write_safetensors(lowrank(tiny_models["5.2"], LowRankConfig(rank=0.5, method="svd")), str(src))
+    out = tmp_path / "lr.onnx"
+    assert run("export-onnx", src, out, "--no-validate").exit_code == 0
+    info = json.loads(run("inspect", out, "--json").output)
+    assert info["history"][-1] == {"transform": "lowrank", "options": {"alloc": "uniform", "merge": False,
+                                                                       "method": "svd", "rank": 0.5, "targets": "ffn"}}
+    assert "lowrank(alloc=uniform, merge=False, method=svd, rank=0.5, targets=ffn)" in run("inspect", out).output
+    old = {**info, "history": ["lowrank", "quantize"]}
+    assert "history     lowrank -> quantize" in format_onnx_description(old)
+
+
 def _pth(tmp_path, ck):
     p = tmp_path / "m.pth"
     write_pth(ck, str(p))

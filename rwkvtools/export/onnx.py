@@ -994,7 +994,8 @@ def export_onnx(src, out: str, mode: str = "step", dtype: str = "fp32", opset: i
         try:
             mp = build_onnx_model(model, mode, opset, chunk_len, logits, ext, progress,
                                   metadata={"source": os.path.basename(src_name),
-                                            "history": [h.get("transform") for h in ckpt.history]},
+                                            "history": [{"transform": h.get("transform"), "options": h.get("options") or {}}
+                                                        for h in ckpt.history]},
                                   linear_op=linear_op)
         finally:
             if ext is not None:

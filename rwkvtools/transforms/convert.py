@@ -190,6 +190,10 @@ def convert(src_path: str, dst_path: str, to: str | None = None, format: str | N
         if rescale_every is None:
             rescale_every = (src.manifest.get("rnn") or {}).get("rescale_every", 0) if src_form == "rnn" else 0
         ck = to_rnn(ck, rescale_every)
+    if fmt == "gguf" and (options.get("quant") or options.get("dtype")):  # the GGUF writer casts/quantizes:
+        lossy = {"format": "gguf", **({"dtype": options["dtype"]} if options.get("dtype") else {}),  # say so in
+                 **({"quant": options["quant"], "method": "rtn"} if options.get("quant") else {})}  # its history
+        ck = ck.with_tensors(ck.tensors, {"transform": "convert", "options": lossy})
     options["progress"] = progress
     write_checkpoint(ck, dst_path, fmt, **options)
     dt = time.perf_counter() - t0
