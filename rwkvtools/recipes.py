@@ -102,7 +102,7 @@ def expand(value: str, base_dir: str) -> str:
     def sub(m):
         return os.environ.get(m.group(1), m.group(2) if m.group(2) is not None else "")
     out = _VAR.sub(sub, value)
-    if out and not os.path.isabs(out) and (os.sep in out or out.startswith(".")):
+    if out and not os.path.isabs(out):
         cand = os.path.normpath(os.path.join(base_dir, out))
         if os.path.exists(cand) or not os.path.exists(out):
             return cand
@@ -124,6 +124,11 @@ def _param_for(cmd, opt: str):
         if p.name == key or any(o.lstrip("-") == opt for o in getattr(p, "opts", [])):
             return p
     return None
+
+
+def _is_path_option(cmd, opt: str) -> bool:
+    import click
+    return isinstance(getattr(_param_for(cmd, opt), "type", None), click.Path)
 
 
 def _expand_path_option(cmd, opt: str, value, base_dir: str):
@@ -351,10 +356,17 @@ def _invoke(args: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def _companions(path: str) -> list[str]:
+    """The files a model at ``path`` is made of: a folder's files, or the file and an ONNX
+    file's external data beside it (OUT.onnx.data)."""
+    if os.path.isdir(path):
+        return sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    return [path] + ([path + ".data"] if path.endswith(".onnx") and os.path.isfile(path + ".data") else [])
+
+
 def _file_key(path: str) -> str:
     h = hashlib.sha256()
-    paths = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    paths = _companions(path)
     for p in paths:
         st = os.stat(p)
         h.update(f"{os.path.relpath(p, path) if p != path else ''}:{st.st_size}:{int(st.st_mtime_ns)}".encode())
@@ -362,9 +374,7 @@ def _file_key(path: str) -> str:
 
 
 def _size(path: str) -> int:
-    if os.path.isdir(path):
-        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-    return os.path.getsize(path)
+    return sum(os.path.getsize(p) for p in _companions(path))
 
 
 def _params(path: str) -> int | None:
@@ -447,13 +457,16 @@ def _run_steps(recipe: Recipe, src: str, out_dir: str, base: dict, ev: dict, t0:
             not_run.append(f"{step.index:02d}-{step.kind}")
             continue
         values = step.sweep[1] if step.sweep else [None]
+        names = [_label_value(v) for v in values]
+        if len(set(names)) < len(names):  # e.g. two calibration texts of the same file name
+            names = [f"{n}-{i}" for i, n in enumerate(names, 1)]
         results = []
-        for v in values:
+        for v, name in zip(values, names):
             opts = dict(step.options)
             label = f"{step.index:02d}-{step.kind}"
             if step.sweep:
                 opts[step.sweep[0]] = v
-                label += f"-{step.sweep[0]}-{v}"
+                label += f"-{step.sweep[0]}-{name}"
             res = _run_stage(step, opts, label, current, out_dir, ev, log)
             results.append(res)
             stages.append(res)
@@ -477,9 +490,20 @@ def _run_steps(recipe: Recipe, src: str, out_dir: str, base: dict, ev: dict, t0:
               "eval": ev, "stages": stages, "not_run": not_run, "overall": {**overall, "gates": overall_gates},
               "passed": passed, "final": final["path"] if final else None, "seconds": time.time() - t0}
     if final is not None and final is not base:  # never the source model itself (a recipe of eval steps only)
-        _stamp_recipe(final["path"], recipe)
+        if _stamp_recipe(final["path"], recipe):
+            final["bytes"] = _size(final["path"])  # the file as it is now
+            if final.get("key"):
+                from .io.atomic import write_json
+                write_json(os.path.join(out_dir, final["stage"] + ".json"), {**final, "resumed": False})
     write_reports(report, out_dir)
     return report
+
+
+def _label_value(v) -> str:
+    """A sweep value as part of a stage's file name: a path by its base name, and nothing that
+    would make a folder or a hidden name."""
+    text = os.path.basename(str(v).rstrip("/\\")) or str(v)
+    return re.sub(r"[^A-Za-z0-9._+=-]", "_", text).lstrip(".") or "_"
 
 
 def _measure(path: str, ev: dict) -> dict:
@@ -490,8 +514,12 @@ def _measure(path: str, ev: dict) -> dict:
 def _run_stage(step: Step, opts: dict, label: str, current: dict, out_dir: str, ev: dict, log) -> dict:
     cmd = _command(step.kind)
     src = current["path"]
-    key = hashlib.sha256(json.dumps({"input": _file_key(src), "kind": step.kind, "options": opts, "eval": ev},
-                                    sort_keys=True, default=str).encode()).hexdigest()
+    files = {k: _file_key(v) for k, v in opts.items() if isinstance(v, str) and _is_path_option(cmd, k)
+             and os.path.exists(v)}
+    if ev.get("text") and os.path.exists(ev["text"]):
+        files["eval.text"] = _file_key(ev["text"])
+    key = hashlib.sha256(json.dumps({"key": 2, "input": _file_key(src), "kind": step.kind, "options": opts, "eval": ev,
+                                     "files": files}, sort_keys=True, default=str).encode()).hexdigest()
     meta_path = os.path.join(out_dir, label + ".json")
     stage = {"stage": label, "step": step.index, "kind": step.kind, "options": opts, "input": src}
     if os.path.exists(meta_path):
@@ -506,6 +534,7 @@ def _run_stage(step: Step, opts: dict, label: str, current: dict, out_dir: str, 
             old["ppl"] = float("nan")  # records are strict JSON: a NaN perplexity was written as null
         if old.get("key") == key and (step.kind == "eval" or os.path.exists(old.get("path", ""))):
             old["resumed"] = True
+            old["gates"] = [_gate(g, b, old) for g, b in step.gates.items()]  # the gates as the recipe has them now
             log(f"{label}: up to date, skipped")
             return old
     report_path = os.path.join(out_dir, label + ".report.json")
@@ -580,6 +609,11 @@ def _stage_args(cmd, kind: str, opts: dict, src: str, dst: str, report_path: str
         if "text" not in opts:  # the recipe's own text, else the packaged held-out text it measures on
             from .validate import packaged_text
             args += ["--text", ev.get("text") or packaged_text("heldout")]
+        # the budget, tokenizer and encoding every stage is measured with, unless the step sets them
+        for opt, val in (("max-tokens", ev.get("tokens", 4096)), ("tokenizer", ev.get("tokenizer")),
+                         ("encoding", ev.get("encoding"))):
+            if val is not None and opt not in opts and opt.replace("-", "_") not in opts:
+                args += [f"--{opt}", str(val)]
         return args + _args_for(cmd, opts)
     args = [cmd.name, src, dst] + _args_for(cmd, opts)
     if _has(cmd, "force"):
@@ -623,14 +657,22 @@ def _root_of(stage: dict) -> str:
     return stage.get("root") or stage["path"]
 
 
-def _stamp_recipe(path: str, recipe: Recipe) -> None:
-    """Store the applied recipe in the final model's manifest (safetensors outputs)."""
+def _stamp_recipe(path: str, recipe: Recipe) -> bool:
+    """Store the applied recipe in the final model's manifest (safetensors outputs; the other
+    formats hold no manifest, or, for GGUF and .onnx, one written by their own writer). True when
+    the file changed (a file that holds this recipe already is left as it is, so that a resumed
+    run does not touch it)."""
     if not path.endswith(".safetensors") or not os.path.exists(path):
-        return
+        return False
     from .io.safetensors_io import read_safetensors, write_safetensors
+    stamp = json.loads(json.dumps({"name": recipe.name, "file": os.path.basename(recipe.path),
+                                   "spec": copy.deepcopy(recipe.raw)}, default=str))
+    if read_safetensors(path).manifest.get("recipe") == stamp:
+        return False
     ck = read_safetensors(path).materialize()
-    ck.manifest["recipe"] = {"name": recipe.name, "file": os.path.basename(recipe.path), "spec": copy.deepcopy(recipe.raw)}
+    ck.manifest["recipe"] = stamp
     write_safetensors(ck, path)
+    return True
 
 
 # ------------------------------------------------------------------------------------ reports

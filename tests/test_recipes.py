@@ -7,6 +7,7 @@ import pathlib
 import re
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -119,7 +120,12 @@ def test_report_figures_equal_commands_by_hand(tmp_path):
     ev = runner.invoke(main, ["eval", str(by_hand), "--text", str(DATA / "wikitext-2-test.txt"),
                               "--max-tokens", "1024", "--json"])
     assert abs(json.loads(ev.output)["ppl"] - rep["stages"][1]["ppl"]) < 1e-9
-    assert os.path.getsize(by_hand) == rep["stages"][1]["bytes"]
+    # the same tensors; the final model also carries the recipe in its metadata, and the report
+    # gives the size of the file as it is on disk
+    assert rep["stages"][1]["bytes"] == os.path.getsize(rep["stages"][1]["path"]) > os.path.getsize(by_hand)
+    from rwkvtools.io.safetensors_io import read_safetensors
+    a, b = read_safetensors(str(by_hand)), read_safetensors(rep["stages"][1]["path"])
+    assert list(a.tensors) == list(b.tensors) and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
     # the step's own check measured on the recipe's text and token budget: the same perplexities
     # as the recipe's stages, and the recipe's logit_drift is the command's max |logit diff|
     val = rep["stages"][1]["command_report"]["validation"]
@@ -416,3 +422,92 @@ def test_check_without_a_model_says_run_needs_one(tmp_path):
     del doc["model"]
     res = runner.invoke(main, ["recipe", "check", write(tmp_path, doc)])
     assert res.exit_code == 0 and "--model" in res.output, res.output
+
+
+def test_resume_judges_the_gates_the_recipe_has_now_and_the_text_it_reads_now(tmp_path):
+    """A resumed stage kept the verdict of the gate it had when it ran (a gate tightened to fail
+    still passed, exit 0); the resume key held the evaluation text's path, not its contents (an
+    edited text left every stage measured on the old one); the final model, stamped with the
+    recipe after its record was written, was reported at its size before the stamp."""
+    text = tmp_path / "t.txt"
+    text.write_text((DATA / "wikitext-2-test.txt").read_text()[:20000])
+    doc = base(steps=[{"quantize": {"scheme": "int8"}, "gates": {"max_ppl_increase": 50.0}}])
+    doc["eval"] = {"text": str(text), "tokens": 512}
+    out = tmp_path / "out"
+    res = runner.invoke(main, ["recipe", "run", write(tmp_path, doc), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output[-2000:]
+    st = json.loads(res.stdout)["stages"][1]
+    assert st["bytes"] == os.path.getsize(st["path"])                 # after the stamp
+    doc["steps"][0]["gates"] = {"max_ppl_increase": -50.0}             # int8 cannot halve the perplexity
+    res = runner.invoke(main, ["recipe", "run", write(tmp_path, doc), "--out", str(out), "--json"])
+    rep = json.loads(res.stdout)
+    assert rep["stages"][1]["resumed"] is True and res.exit_code == 1
+    assert rep["stages"][1]["gates"][0]["bound"] == -50.0 and not rep["stages"][1]["gates"][0]["passed"]
+    del doc["steps"][0]["gates"]
+    text.write_text(text.read_text()[::-1])                             # the same path, other contents
+    res = runner.invoke(main, ["recipe", "run", write(tmp_path, doc), "--out", str(out), "--json"])
+    rep = json.loads(res.stdout)
+    assert res.exit_code == 0 and rep["stages"][1]["resumed"] is False, res.output[-2000:]
+    assert abs(rep["stages"][1]["ppl_increase_pct"]) < 5               # measured against the new source ppl
+
+
+def test_an_eval_step_measures_like_every_stage(tmp_path):
+    """An eval step got only the recipe's text: not its token budget (it scored the whole text),
+    encoding (a UTF-16 text read as UTF-8: ppl 33358 against the source's 2.78) or tokenizer."""
+    doc = base(steps=[{"eval": {}}, {"eval": {"max-tokens": 256}}])
+    doc["model"] = fixture_path("tiny-rwkv-6v0-3m-Q5_1.bin")
+    doc["eval"] = {"text": str(DATA / "wikitext-2-test.txt"), "tokens": 512, "encoding": "utf-16le"}
+    res = runner.invoke(main, ["recipe", "run", write(tmp_path, doc), "--out", str(tmp_path / "o"), "--json"])
+    assert res.exit_code == 0, res.output[-2000:]
+    rep = json.loads(res.stdout)
+    src, same, fewer = rep["stages"]
+    assert "--encoding utf-16le" in same["command"] and "--max-tokens 512" in same["command"]
+    assert abs(same["ppl"] / src["ppl"] - 1) < 1e-6                    # the same measurement as the source's
+    assert "--max-tokens 256" in fewer["command"] and "--max-tokens 512" not in fewer["command"]
+
+
+def test_sizes_count_onnx_external_data(tmp_path):
+    doc = base(steps=[{"export-onnx": {"external-data-threshold": 1000}}])
+    out = tmp_path / "out"
+    res = runner.invoke(main, ["recipe", "run", write(tmp_path, doc), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output[-2000:]
+    st = json.loads(res.stdout)["stages"][1]
+    data = out / "01-export-onnx.onnx.data"
+    assert data.exists() and st["bytes"] == os.path.getsize(out / "01-export-onnx.onnx") + os.path.getsize(data)
+
+
+def test_sweep_of_paths_names_stages_by_file_name_and_bare_names_are_recipe_relative(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "sub" / name).write_text("calibration text " * 200)
+    doc = base(steps=[{"quantize": {"scheme": "Q4_0", "method": "gptq", "calib-tokens": 256},
+                       "sweep": {"calib": ["a.txt", str(tmp_path / "sub" / "b.txt")]}}])
+    p = tmp_path / "sub" / "r.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    monkeypatch.chdir(tmp_path)                       # a.txt is beside the recipe, not in the current folder
+    r = load_recipe(str(p))
+    assert r.steps[0].sweep[1] == [str(tmp_path / "sub" / "a.txt"), str(tmp_path / "sub" / "b.txt")]
+    out = tmp_path / "out"
+    res = runner.invoke(main, ["recipe", "run", str(p), "--out", str(out)])
+    assert res.exit_code == 0, res.output[-2000:]
+    assert sorted(f for f in os.listdir(out) if f.endswith(".bin")) == ["01-quantize-calib-a.txt.bin",
+                                                                       "01-quantize-calib-b.txt.bin"]
+    assert all(not (out / d).is_dir() for d in os.listdir(out))
+
+
+@pytest.mark.parametrize("step,match", [
+    ({"convert": {"format": "rwkvcpp", "to": "parallel"}}, "always stores rwkv.cpp's own inference form"),
+    ({"convert": {"format": "gguf", "rescale-every": 6}}, "--rescale-every applies to the RNN form"),
+    ({"export-onnx": {"opset": 99}}, "opset 99 is not supported"),
+])
+def test_check_refuses_form_and_opset_options(tmp_path, step, match):
+    res = runner.invoke(main, ["recipe", "check", write(tmp_path, base(steps=[step]))])
+    assert res.exit_code == 2 and match in res.output, res.output
+
+
+def test_summary_in_a_missing_folder_is_refused_before_running(tmp_path):
+    out = tmp_path / "out"
+    res = runner.invoke(main, ["recipe", "run", write(tmp_path, base()), "--out", str(out),
+                               "--summary", str(tmp_path / "nodir" / "sum.md")])
+    assert res.exit_code == 2 and "does not exist" in res.output and "internal error" not in res.output
+    assert not out.exists()

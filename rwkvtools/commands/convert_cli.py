@@ -69,7 +69,9 @@ def check_options(dst, opts, given=frozenset()):
     """convert's options and DST's format, checked before any file is read: (format, the writer's
     options)."""
     from ..io.writers import check_writer_options, format_from_path
+    from ..transforms.convert import check_form
     fmt = opts.get("fmt") or format_from_path(dst)
+    check_form(fmt, opts.get("to"), opts.get("rescale_every"))
     options = check_writer_options(fmt, _writer_options(opts.get("writer_opts") or ()), from_cli=True)
     if opts.get("quant"):
         if fmt != "gguf":

@@ -72,6 +72,9 @@ def check_options(out, opts, given):
         raise UserError(f"{out}: the output file name must end in .onnx")
     if opts["external_data_threshold"] < 0:
         raise UserError("--external-data-threshold must not be negative")
+    if opts.get("opset") is not None:
+        from ..export.onnx import check_opset
+        check_opset(opts["opset"])
 
 
 def _export(src, out, mode, dtype, opset, chunk_len, logits, linear_op, no_validate, tol, threshold, report_path,
@@ -87,7 +90,7 @@ def _export(src, out, mode, dtype, opset, chunk_len, logits, linear_op, no_valid
     if report_path and os.path.realpath(os.path.abspath(report_path)) == os.path.realpath(os.path.abspath(out + ".data")):
         raise UserError(f"--report {report_path} is where OUT's external weights go ({os.path.basename(out)}.data); "
                         "choose another report path")
-    check_options(out, {"mode": mode, "external_data_threshold": threshold}, given)
+    check_options(out, {"mode": mode, "external_data_threshold": threshold, "opset": opset}, given)
     # exported (and checked) under a temporary name, then renamed onto OUT with its OUT.data:
     # any failure leaves neither behind, and existing ones as they were
     with staged_output(out, companions=(".data",)) as staged:

@@ -107,6 +107,9 @@ def _guard(r, model, out_dir, summary) -> None:
             if os.path.isdir(summary):
                 raise UserError(f"--summary {summary} is a folder; give a file to append the table to")
             check_place(summary, "--summary")
+            parent = os.path.dirname(os.path.abspath(summary))
+            if not os.path.isdir(parent):
+                raise UserError(f"--summary {summary}: the folder {parent} does not exist")
     except RwkvToolsError as e:
         raise UserError(str(e)) from None
     inputs = {"model": model, "recipe": r.path, "eval text": r.eval.get("text")}

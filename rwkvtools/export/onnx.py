@@ -931,6 +931,14 @@ def _estimate_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def check_opset(opset: int) -> None:
+    """The opsets the graph builder writes and the installed onnx package knows."""
+    import onnx
+    max_opset = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= max_opset:
+        raise ExportError(f"opset {opset} is not supported: use {MIN_OPSET}..{max_opset} (default {DEFAULT_OPSET})")
+
+
 def export_onnx(src, out: str, mode: str = "step", dtype: str = "fp32", opset: int = DEFAULT_OPSET,
                 validate: bool = True, chunk_len: int | None = None, logits: str = "all",
                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, tol: float | None = None,
@@ -953,9 +961,7 @@ def export_onnx(src, out: str, mode: str = "step", dtype: str = "fp32", opset: i
     if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0
                             or tol == float("inf")):
         raise ExportError(f"tol must be a positive finite number (the largest logit difference accepted), got {tol!r}")
-    max_opset = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= opset <= max_opset:
-        raise ExportError(f"opset {opset} is not supported: use {MIN_OPSET}..{max_opset} (default {DEFAULT_OPSET})")
+    check_opset(opset)
     chunk_len = chunk_len or DEFAULT_CHUNK
     if chunk_len not in CHUNK_LENS:
         raise ExportError(f"chunk length {chunk_len} is not supported; choose one of {', '.join(map(str, CHUNK_LENS))}")

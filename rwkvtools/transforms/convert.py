@@ -111,6 +111,20 @@ def check_layout(ckpt: Checkpoint) -> None:
         raise SpecError(f"{len(problems)} problem(s) with the checkpoint's tensors: " + "; ".join(problems[:8]) + more)
 
 
+def check_form(fmt: str, to: str | None, rescale_every: int | None) -> None:
+    """--to and --rescale-every against the output format, before any file is read."""
+    if to is not None and to not in FORMS:
+        raise RwkvToolsError(f"--to must be one of {', '.join(FORMS)}, got '{to}'")
+    fixed = _FIXED_FORM.get(fmt)
+    if fixed and to is not None and to != fixed:
+        what = "rwkv.cpp's own inference form" if fmt == "rwkvcpp" else "the training (parallel) form"
+        raise RwkvToolsError(f"the {fmt} format always stores {what}; --to {to} applies to .pth and .safetensors")
+    if rescale_every is not None and rescale_every < 0:
+        raise RwkvToolsError("--rescale-every must be >= 0")
+    if rescale_every and (to or fixed) not in (None, "rnn"):
+        raise RwkvToolsError("--rescale-every applies to the RNN form (--to rnn)")
+
+
 def convert(src_path: str, dst_path: str, to: str | None = None, format: str | None = None,
             dtype: str | None = None, force: bool = False, rescale_every: int | None = None,
             progress: bool | None = None, **writer_options) -> dict:
@@ -141,16 +155,10 @@ def convert(src_path: str, dst_path: str, to: str | None = None, format: str | N
     # DST is not SRC (any spelling, a link), not inside an input folder and not a folder holding
     # SRC; an existing DST only with force, a folder only replaced by a folder
     output_guard(src_path, dst_path, force, fmt=fmt)
-    if to is not None and to not in FORMS:
-        raise RwkvToolsError(f"--to must be one of {', '.join(FORMS)}, got '{to}'")
     if dtype is not None and dtype not in DTYPES:
         raise RwkvToolsError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    check_form(fmt, to, rescale_every)
     fixed = _FIXED_FORM.get(fmt)
-    if fixed and to is not None and to != fixed:
-        what = "rwkv.cpp's own inference form" if fmt == "rwkvcpp" else "the training (parallel) form"
-        raise RwkvToolsError(f"the {fmt} format always stores {what}; --to {to} applies to .pth and .safetensors")
-    if rescale_every is not None and rescale_every < 0:
-        raise RwkvToolsError("--rescale-every must be >= 0")
     writer_options = check_writer_options(fmt, writer_options)  # before any work
 
     t0 = time.perf_counter()
