@@ -134,9 +134,7 @@ def _is_path_option(cmd, opt: str) -> bool:
 def _expand_path_option(cmd, opt: str, value, base_dir: str):
     """Path-valued step options (e.g. quantize's calib) get what the model and eval text get:
     ${VAR} / ${VAR:-default} expansion and paths relative to the recipe file."""
-    import click
-    p = _param_for(cmd, opt)
-    if isinstance(value, str) and isinstance(getattr(p, "type", None), click.Path):
+    if isinstance(value, str) and _is_path_option(cmd, opt):
         return expand(value, base_dir)
     return value
 
@@ -295,7 +293,6 @@ def check_inputs(recipe: Recipe, model: str | None = None) -> None:
     """The files a run reads, there before it starts: the source model (``model`` or the
     recipe's), the evaluation text and every path-valued step option (calib, text, teacher,
     eval-text, tokenizer-file), sweep values included. One error lists every missing file."""
-    import click
     missing = []
     src = model or recipe.model
     if src and not os.path.exists(src):
@@ -308,8 +305,7 @@ def check_inputs(recipe: Recipe, model: str | None = None) -> None:
         if step.sweep:
             named += [(step.sweep[0], v) for v in step.sweep[1]]
         for k, v in named:
-            p = _param_for(cmd, k)
-            if isinstance(getattr(p, "type", None), click.Path) and isinstance(v, str) and not os.path.exists(v):
+            if isinstance(v, str) and _is_path_option(cmd, k) and not os.path.exists(v):
                 missing.append(f"step {step.index} ({step.kind}) {k} {v}")
     if missing:
         raise RecipeError(f"{recipe.path}: not found: {'; '.join(missing)}")
@@ -609,26 +605,22 @@ def _stage_args(cmd, kind: str, opts: dict, src: str, dst: str, report_path: str
         if "text" not in opts:  # the recipe's own text, else the packaged held-out text it measures on
             from .validate import packaged_text
             args += ["--text", ev.get("text") or packaged_text("heldout")]
-        # the budget, tokenizer and encoding every stage is measured with, unless the step sets them
-        for opt, val in (("max-tokens", ev.get("tokens", 4096)), ("tokenizer", ev.get("tokenizer")),
-                         ("encoding", ev.get("encoding"))):
-            if val is not None and opt not in opts and opt.replace("-", "_") not in opts:
-                args += [f"--{opt}", str(val)]
-        return args + _args_for(cmd, opts)
-    args = [cmd.name, src, dst] + _args_for(cmd, opts)
-    if _has(cmd, "force"):
-        args.append("--force")
-    if _has(cmd, "report"):
-        args += ["--report", report_path]
-    if _has(cmd, "eval-text") and "eval-text" not in opts and "eval_text" not in opts and ev.get("text"):
-        args += ["--eval-text", ev["text"]]
-    if _has(cmd, "eval-tokens") and "eval-tokens" not in opts and "eval_tokens" not in opts and ev.get("tokens"):
-        args += ["--eval-tokens", str(ev["tokens"])]
-    if _has(cmd, "encoding") and "encoding" not in opts and ev.get("encoding"):
-        args += ["--encoding", ev["encoding"]]
-    if kind == "heal" and "teacher" not in opts:
-        args += ["--teacher", teacher]
-    return args
+        # measured as every stage is (the recipe's budget, tokenizer, encoding)
+        supplied = (("max-tokens", ev.get("tokens", 4096)), ("tokenizer", ev.get("tokenizer")),
+                    ("encoding", ev.get("encoding")))
+    else:
+        args = [cmd.name, src, dst]
+        if _has(cmd, "force"):
+            args.append("--force")
+        if _has(cmd, "report"):
+            args += ["--report", report_path]
+        # the command's own check on the recipe's text, budget and encoding; heal's teacher
+        supplied = (("eval-text", ev.get("text")), ("eval-tokens", ev.get("tokens")), ("encoding", ev.get("encoding")),
+                    ("teacher", teacher if kind == "heal" else None))
+    for opt, val in supplied:  # unless the step sets it
+        if val is not None and _has(cmd, opt) and opt not in opts and opt.replace("-", "_") not in opts:
+            args += [f"--{opt}", str(val)]
+    return args + _args_for(cmd, opts)
 
 
 def _check_step(where: str, cmd, kind: str, opts: dict, ev: dict) -> None:
@@ -667,9 +659,10 @@ def _stamp_recipe(path: str, recipe: Recipe) -> bool:
     from .io.safetensors_io import read_safetensors, write_safetensors
     stamp = json.loads(json.dumps({"name": recipe.name, "file": os.path.basename(recipe.path),
                                    "spec": copy.deepcopy(recipe.raw)}, default=str))
-    if read_safetensors(path).manifest.get("recipe") == stamp:
+    ck = read_safetensors(path)
+    if ck.manifest.get("recipe") == stamp:
         return False
-    ck = read_safetensors(path).materialize()
+    ck = ck.materialize()
     ck.manifest["recipe"] = stamp
     write_safetensors(ck, path)
     return True

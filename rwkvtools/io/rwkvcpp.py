@@ -347,13 +347,11 @@ def check_writable(ckpt: Checkpoint):
     lay = layout(spec)
     for p in linear_prefixes(spec):
         if f"{p}.weight" not in t:
+            from ..transforms.lowrank import merge_hint
             raise FormatError(f"rwkv.cpp needs dense matrices, but '{p}' is stored in another representation "
                               f"({', '.join(k for k in t if k.startswith(p + '.'))}); rwkv.cpp's loader only knows "
-                              "dense tensors: for low-rank factors merge them first (rwkvtools lowrank SRC DENSE "
-                              "--merge --method svd --rank 100000"
-                              + (" --targets ffn+att" if any(".att." in k for k in t if k.endswith(".weight_u")) else "")
-                              + ": a rank above the stored one keeps their product), or keep this checkpoint in "
-                              ".safetensors")
+                              f"dense tensors: for low-rank factors merge them first ({merge_hint(t)}), or keep this "
+                              "checkpoint in .safetensors")
     unknown = [k for k in t if k not in lay]
     if unknown:
         raise FormatError(f"rwkv.cpp's loader does not know {len(unknown)} tensor(s) of this checkpoint, e.g. "

@@ -136,6 +136,14 @@ def _stored_dtype(tensors: Mapping, p: str) -> torch.dtype:
     return tensor_dtype(tensors, _stored_names(tensors, p)[0])
 
 
+def merge_hint(tensors: Mapping) -> str:
+    """The command that turns the low-rank factors in ``tensors`` back into dense matrices and
+    keeps their product (a rank above the stored one; time-mix factors need --targets ffn+att)."""
+    att = any(".att." in k for k in tensors if k.endswith(".weight_u"))
+    return ("rwkvtools lowrank SRC DENSE --merge --method svd --rank 100000" + (" --targets ffn+att" if att else "")
+            + ": a rank above the stored one keeps their product")
+
+
 def _stored_rank(tensors: Mapping, p: str) -> int:
     """The rank a target can have at most: its stored factors' rank when already factored (a
     product of rank r has no more directions), else min(m, n)."""

@@ -232,11 +232,6 @@ def _file_shapes(view: Checkpoint, spec) -> dict[str, tuple]:
     return out
 
 
-def _att_targets(prefixes) -> str:
-    """The lowrank --targets that reaches these factored linears (time-mix ones need ffn+att)."""
-    return " --targets ffn+att" if any(".att." in p for p in prefixes) else ""
-
-
 def _base_type(view: Checkpoint) -> str:
     """rwkv.cpp base type of the non-quantized tensors: FP16 when the matrices are stored in 16
     bits (the FP16 file rwkv.cpp's quantizer would have read), else FP32."""
@@ -312,11 +307,10 @@ def plan(ckpt: Checkpoint, config: QuantizeConfig) -> dict:
     if not tensors:
         factored = sorted({n.rsplit(".", 1)[0] for n in t if n.endswith(".weight_u")})
         if factored and not config.skip:
+            from .lowrank import merge_hint
             raise QuantizeError(f"nothing to quantize: the linears are low-rank factors ({', '.join(factored[:3])}"
                                 f"{', ...' if len(factored) > 3 else ''}), which int8/int4 do not store; quantize "
-                                "before lowrank, or merge them first (rwkvtools lowrank SRC DENSE --merge "
-                                f"--method svd --rank 100000{_att_targets(factored)}: a rank above the stored one "
-                                "keeps their product)")
+                                f"before lowrank, or merge them first ({merge_hint(t)})")
         raise QuantizeError("nothing to quantize: every tensor is kept (check --skip)")
     n_q = sum(math.prod(e["shape"]) for e in tensors.values())
     bits_q = sum(_grid(config, e).bits_per_weight(e["shape"][1]) * math.prod(e["shape"]) for e in tensors.values())
