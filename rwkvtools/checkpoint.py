@@ -68,6 +68,21 @@ def tensor_dtype(tensors: Mapping, name: str) -> torch.dtype:
     return tensors[name].dtype
 
 
+def param_count(tensors: Mapping, name: str) -> int:
+    """Model parameters a stored tensor holds: a quantized linear counts its logical (out x in)
+    weights however packed (int4: two per stored byte), and its scales and zero points are
+    storage, not parameters; any other tensor counts its elements. So bits per weight
+    (8 x bytes / parameters) compare across float, int8 and int4 files."""
+    prefix, _, suffix = name.rpartition(".")
+    if suffix in ("weight_scale", "weight_zero") and (
+            f"{prefix}.weight_int8" in tensors or f"{prefix}.weight_int4" in tensors):
+        return 0
+    n = 2 if suffix == "weight_int4" else 1
+    for d in tensor_shape(tensors, name):
+        n *= d
+    return n
+
+
 def default_manifest() -> dict[str, Any]:
     return {"format_version": MANIFEST_FORMAT_VERSION, "form": "parallel", "history": []}
 
@@ -126,11 +141,5 @@ class Checkpoint:
         return Checkpoint({k: self.tensors[k] for k in self.tensors}, copy.deepcopy(self.manifest), self.source)
 
     def num_params(self) -> int:
-        n = 0
-        for k in self.tensors:
-            s = self.shape(k)
-            p = 1
-            for d in s:
-                p *= d
-            n += p
-        return n
+        """Parameters of the model the checkpoint holds (see param_count)."""
+        return sum(param_count(self.tensors, k) for k in self.tensors)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from .checkpoint import tensor_shape
+from .checkpoint import param_count, tensor_shape
 from .errors import SpecError
 
 VERSIONS = ("4", "5.0", "5.1", "5.2", "6", "7")
@@ -254,9 +254,7 @@ def param_groups(tensors: Mapping) -> dict[str, int]:
     """Parameter count by group: embedding, time-mix, channel-mix, head, norms/other."""
     out = {"embedding": 0, "time_mix": 0, "channel_mix": 0, "head": 0, "other": 0}
     for k in tensors:
-        n = 1
-        for d in tensor_shape(tensors, k):
-            n *= d
+        n = param_count(tensors, k)
         if k.startswith("emb."):
             out["embedding"] += n
         elif k.startswith("head."):

@@ -416,6 +416,19 @@ def test_apply_is_pure_and_deterministic(tiny_models):
         plan(a, cfg)
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_num_params_counts_logical_weights_of_quantized_linears(tiny_models, scheme):
+    # a quantized linear is still out x in parameters (int4: two per stored byte); its scales and
+    # zero points are storage. Before, int4 counted half its weights plus its scales, so the
+    # recipe table's bits per weight read higher for int4 than for int8.
+    ck = tiny_models["7"]
+    out = quantize(ck, QuantizeConfig(scheme, group_size=32) if scheme == "int4" else QuantizeConfig(scheme))
+    assert any(k.endswith(f".weight_{scheme}") for k in out.tensors)
+    assert out.num_params() == ck.num_params()
+    from rwkvtools.inspect import describe
+    assert describe(out)["parameters"] == describe(ck)["parameters"]
+
+
 def test_safetensors_roundtrip_keeps_manifest(tiny_models, tmp_path):
     from rwkvtools.inspect import describe
     from rwkvtools.io import read_checkpoint
