@@ -326,6 +326,24 @@ def test_options_and_inputs_are_checked():
         apply(_ck("5.2", n_layer=6), p)
 
 
+@pytest.mark.parametrize("form", ["lowrank", "int8", "int4"])
+def test_factored_or_quantized_linears_are_refused_not_left_untied(form):
+    """A low-rank or int8/int4 checkpoint: its linears are not '<name>.weight' tensors, so recursive
+    left them out of the shared set and 'collapsed' only the norms and vectors (lowrank), or
+    stopped with an internal parameter-count error (int8). Refused now, naming the way out; sharing
+    only groups that are dense still works, with the unique parameters counted the same way."""
+    from rwkvtools.transforms.lowrank import LowRankConfig, lowrank
+    from rwkvtools.transforms.quantize import QuantizeConfig, quantize
+    ck = _ck("7")
+    t = (lowrank(ck, LowRankConfig(rank=0.5, method="svd")) if form == "lowrank"
+         else quantize(ck, QuantizeConfig(form, group_size=32) if form == "int4" else QuantizeConfig(form)))
+    with pytest.raises(RecursiveError, match="not a dense matrix.*apply it before lowrank/quantize"):
+        recursive(t, RecursiveConfig(blocks=2))
+    out = recursive(t, RecursiveConfig(blocks=2, share=("norm",)))
+    assert out.num_params() < t.num_params()
+    assert out.manifest["recursive"]["unique_params"] == out.num_params() - 4  # the shared.map entries
+
+
 def test_hostile_recursive_files_give_clear_errors():
     out = recursive(_ck("5.2"), RecursiveConfig(blocks=2, lora_rank=2))
     t = dict(out.tensors)

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..checkpoint import Checkpoint, tensor_dtype, tensor_shape
+from ..checkpoint import Checkpoint, param_count, tensor_dtype, tensor_shape
 from ..errors import RwkvToolsError
 from ..spec import SHARED_MAP, detect, shared_map
 from ..progress import progress_bar
@@ -214,6 +214,10 @@ def group_of(rest: str) -> str | None:
     return None
 
 
+# stored forms of a linear that are not its dense matrix (lowrank factors, int8/int4 storage)
+_NOT_DENSE = ("weight_u", "weight_v", "weight_int8", "weight_int4", "weight_scale", "weight_zero")
+
+
 def _layer_names(tensors: Mapping, n_layer: int) -> list[list[str]]:
     out: list[list[str]] = [[] for _ in range(n_layer)]
     for k in tensors:
@@ -243,6 +247,14 @@ def plan(ckpt: Checkpoint, config: RecursiveConfig) -> dict:
     shared: dict[str, str] = {}  # rest -> group
     for i in shared_layers:
         for rest in names[i]:
+            head, _, suffix = rest.rpartition(".")
+            if suffix in _NOT_DENSE and group_of(f"{head}.weight") in config.share:
+                raise RecursiveError(
+                    f"linear 'blocks.{i}.{head}' is not a dense matrix ({suffix}: "
+                    f"{'low-rank factors' if suffix in ('weight_u', 'weight_v') else 'quantized'}); recursive ties "
+                    "and relaxes dense matrices: apply it before lowrank/quantize"
+                    + (" (or merge the factors first: rwkvtools lowrank SRC DENSE --merge --method svd --rank 100000)"
+                       if suffix in ("weight_u", "weight_v") else ", on the dense checkpoint"))
             g = group_of(rest)
             if g in config.share:
                 shared[rest] = g
@@ -431,7 +443,7 @@ def apply(ckpt: Checkpoint, plan: dict, calib_tokens=None, progress: bool = Fals
     out.update(block)
     out[SHARED_MAP] = torch.tensor(mapping, dtype=torch.int64)
 
-    unique = sum(math.prod(v.shape) for k, v in out.items() if k != SHARED_MAP)
+    unique = sum(param_count(out, k) for k in out if k != SHARED_MAP)
     if unique != plan["unique_params"]:  # the plan's count is a formula; this checks it
         raise RecursiveError(f"internal: {unique} parameters stored, the plan counted {plan['unique_params']}")
     nbytes = sum(v.numel() * v.element_size() for v in out.values())
