@@ -292,7 +292,8 @@ def load_recipe(path: str) -> Recipe:
 def check_inputs(recipe: Recipe, model: str | None = None) -> None:
     """The files a run reads, there before it starts: the source model (``model`` or the
     recipe's), the evaluation text and every path-valued step option (calib, text, teacher,
-    eval-text, tokenizer-file), sweep values included. One error lists every missing file."""
+    eval-text, tokenizer-file), sweep values included. One error lists every missing file. Then
+    each step can read what the step before it writes (check_chain)."""
     missing = []
     src = model or recipe.model
     if src and not os.path.exists(src):
@@ -309,6 +310,111 @@ def check_inputs(recipe: Recipe, model: str | None = None) -> None:
                 missing.append(f"step {step.index} ({step.kind}) {k} {v}")
     if missing:
         raise RecipeError(f"{recipe.path}: not found: {'; '.join(missing)}")
+    check_chain(recipe, model)
+
+
+# ---------------------------------------------------------------------------- chaining steps
+# What a stage's model is, as far as the next step's command cares: 'onnx' (an exported graph,
+# read by eval only), 'quantized' (int8/int4 linears in .safetensors/.pth), 'lowrank' (factored
+# linears), 'recursive' (layers sharing blocks). A GGUF or rwkv.cpp file reads back dense.
+def _forms_of_file(path: str) -> set[str]:
+    from .io import is_onnx_file, read_checkpoint
+    from .spec import SHARED_MAP
+    if is_onnx_file(path):
+        return {"onnx"}
+    names = list(read_checkpoint(path).tensors)
+    forms = set()
+    if any(k.endswith((".weight_int8", ".weight_int4")) for k in names):
+        forms.add("quantized")
+    if any(k.endswith(".weight_u") for k in names):
+        forms.add("lowrank")
+    if SHARED_MAP in names:
+        forms.add("recursive")
+    return forms
+
+
+def _option(opts: dict, name: str, default=None):
+    return opts.get(name, opts.get(name.replace("-", "_"), default))
+
+
+def _step_refusal(kind: str, opts: dict, forms: set[str]) -> str | None:
+    """Why the step's command would refuse a model of these forms (the reason its own error
+    gives), or None. tests/test_recipes.py runs every command on every form to hold this to them."""
+    ext = _out_ext(kind, opts, "")
+    if "onnx" in forms:
+        return None if kind == "eval" else "its input is an .onnx file, which only eval reads"
+    merge = bool(_option(opts, "merge"))
+    if kind == "lowrank" and forms & {"quantized", "recursive"}:
+        return f"lowrank reads dense (or factored) linears, and its input is {_form_words(forms & {'quantized', 'recursive'})}"
+    if kind == "recursive":
+        if merge:
+            return None if "recursive" in forms else "recursive --merge expands a recursive checkpoint, and its input is not one"
+        if "recursive" in forms:
+            return "its input is already recursive"
+        if forms & {"quantized", "lowrank"}:
+            return f"recursive ties dense matrices, and its input is {_form_words(forms & {'quantized', 'lowrank'})}"
+    if kind == "quantize":
+        if forms & {"quantized", "recursive"}:
+            return f"quantize needs a dense model, and its input is {_form_words(forms & {'quantized', 'recursive'})}"
+        if "lowrank" in forms and ext == ".bin":
+            return "rwkv.cpp files hold dense matrices, and its input is low-rank (merge it first, or write GGUF)"
+    if kind == "heal" and "quantized" in forms:
+        return "heal trains float tensors, and its input's linears are int8/int4 (heal before quantize)"
+    if kind == "heal" and not forms & {"lowrank", "recursive"} and not set(
+            str(_option(opts, "train", "auto")).split(",")) & {"all", "shared"}:
+        return "heal trains LoRA or low-rank factors (or --train all), and its input has neither"
+    if kind == "convert":
+        to = {".bin": "rwkv.cpp", "": "Hugging Face", ".gguf": "GGUF"}.get(ext)
+        dense_only = forms & ({"quantized", "lowrank", "recursive"} if to in ("rwkv.cpp", "Hugging Face")
+                              else {"recursive"} if to == "GGUF" else set())
+        if dense_only:
+            return f"{to} files hold every layer's dense matrices, and its input is {_form_words(dense_only)}"
+        if forms & {"quantized", "recursive"} and _option(opts, "to") == "rnn":
+            return (f"the RNN form is written from dense or low-rank linears, and its input is "
+                    f"{_form_words(forms & {'quantized', 'recursive'})}")
+    return None
+
+
+def _form_words(forms: set[str]) -> str:
+    return " and ".join(sorted(forms))
+
+
+def _forms_after(kind: str, opts: dict, forms: set[str]) -> set[str]:
+    ext = _out_ext(kind, opts, "")
+    merge = bool(_option(opts, "merge"))
+    if kind == "eval":
+        return forms
+    if kind == "export-onnx":
+        return {"onnx"}
+    if ext in (".gguf", ".bin"):  # written dense (GGUF densifies); read back dense
+        return forms - {"quantized", "lowrank"}
+    if kind == "lowrank":
+        return forms - {"lowrank"} if merge else forms | {"lowrank"}
+    if kind == "recursive":
+        return forms - {"recursive"} if merge else forms | {"recursive"}
+    if kind == "quantize":
+        return forms | {"quantized"}
+    return forms
+
+
+def check_chain(recipe: Recipe, model: str | None = None) -> None:
+    """Each step can read what the step before it writes (a step after export-onnx, quantize
+    after quantize, recursive after lowrank, ... are refused now, not after the earlier stages
+    ran). Starts from the source model's form when it is there to read."""
+    src = model or recipe.model
+    forms = _forms_of_file(src) if src and os.path.exists(src) else set()
+    for step in recipe.steps:
+        values = step.sweep[1] if step.sweep else [None]
+        for v in values:
+            opts = dict(step.options)
+            if step.sweep:
+                opts[step.sweep[0]] = v
+            why = _step_refusal(step.kind, opts, forms)
+            if why:
+                where = f"step {step.index} ({step.kind}{f' {step.sweep[0]}={v}' if step.sweep else ''})"
+                raise RecipeError(f"{recipe.path}: {where} cannot run: {why}")
+        if step.kind != "eval":  # a sweep continues from its last value
+            forms = _forms_after(step.kind, opts, forms)
 
 
 # ------------------------------------------------------------------------------------ running

@@ -338,16 +338,18 @@ def test_a_stage_that_errors_does_not_cascade(tmp_path):
     """A step that fails with an error used to hand its never-written output to the next step,
     which failed in turn on a missing file; now the later steps are not run."""
     out = tmp_path / "out"
-    steps = [{"quantize": {"scheme": "int8"}}, {"lowrank": {"rank": 0.5}}, {"export-onnx": {}}]
+    (tmp_path / "empty.txt").write_bytes(b"")  # found by recipe check; the command refuses it when it runs
+    steps = [{"quantize": {"scheme": "Q8_0"}}, {"convert": {}},
+             {"lowrank": {"rank": 0.5, "calib": str(tmp_path / "empty.txt")}}, {"export-onnx": {}}]
     res = runner.invoke(main, ["recipe", "run", write(tmp_path, base(steps=steps)), "--out", str(out)])
     assert res.exit_code == 1 and "internal error" not in res.output, res.output[-2000:]
-    assert "stage 02-lowrank failed" in res.output
+    assert "stage 03-lowrank failed" in res.output
     rep = json.loads((out / "report.json").read_text())
-    assert [s["stage"] for s in rep["stages"]] == ["source", "01-quantize", "02-lowrank"]
-    assert rep["not_run"] == ["03-export-onnx"]
-    # lowrank cannot factor int8 matrices: the command's message, not a missing-file one
-    assert "lowrank cannot read" in rep["stages"][2]["gates"][0]["detail"] and rep["stages"][2]["exit_code"] == 2
-    assert rep["stages"][1]["passed"] if "passed" in rep["stages"][1] else not rep["stages"][1].get("failed")
+    assert [s["stage"] for s in rep["stages"]] == ["source", "01-quantize", "02-convert", "03-lowrank"]
+    assert rep["not_run"] == ["04-export-onnx"]
+    # the command's message, not a missing-file one
+    assert "gives 0 tokens" in rep["stages"][3]["gates"][0]["detail"] and rep["stages"][3]["exit_code"] == 2
+    assert not any(s.get("failed") for s in rep["stages"][:3])
     assert "Overall: not measured" in (out / "report.md").read_text()
 
 
@@ -511,3 +513,90 @@ def test_summary_in_a_missing_folder_is_refused_before_running(tmp_path):
                                "--summary", str(tmp_path / "nodir" / "sum.md")])
     assert res.exit_code == 2 and "does not exist" in res.output and "internal error" not in res.output
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ chaining steps (recipe check)
+CHAIN_FORMS = {  # a model of each form, made by the commands themselves from a dense one
+    "dense": [],
+    "quantized": [["quantize", "--scheme", "int8"]],
+    "lowrank": [["lowrank", "--rank", "0.5", "--method", "svd"]],
+    "recursive": [["recursive", "--blocks", "1", "--lora-rank", "2"]],
+    "onnx": [["export-onnx"]],
+}
+CHAIN_STEPS = [  # (kind, options) as a recipe writes them
+    ("convert", {}), ("convert", {"format": "rwkvcpp"}), ("convert", {"format": "gguf"}),
+    ("convert", {"format": "hf"}), ("convert", {"to": "rnn"}),
+    ("lowrank", {"rank": 0.5, "method": "svd"}),
+    ("recursive", {"blocks": 1, "lora-rank": 2}), ("recursive", {"merge": True}),
+    ("quantize", {"scheme": "int8"}), ("quantize", {"scheme": "Q5_1"}), ("quantize", {"scheme": "Q4_K"}),
+    ("heal", {"tokens": 64, "seq-len": 16, "batch-size": 1}),
+    ("heal", {"tokens": 64, "seq-len": 16, "batch-size": 1, "train": "all"}),
+    ("export-onnx", {}), ("eval", {"max-tokens": 64}),
+]
+
+
+@pytest.fixture(scope="module")
+def chain_models(tmp_path_factory):
+    from rwkvtools.random_init import random_checkpoint
+    from rwkvtools.io.writers import write_checkpoint
+    d = tmp_path_factory.mktemp("chain")
+    dense = str(d / "dense.safetensors")
+    write_checkpoint(random_checkpoint("7", n_layer=2, n_embd=32, vocab=256, head_size=16, seed=5), dense)
+    out = {"dense": dense}
+    for form, cmds in CHAIN_FORMS.items():
+        for c in cmds:
+            dst = str(d / (form + (".onnx" if c[0] == "export-onnx" else ".safetensors")))
+            r = runner.invoke(main, [c[0], dense, dst, *c[1:], "--no-validate"])
+            assert r.exit_code == 0, r.output
+            out[form] = dst
+    return out
+
+
+@pytest.mark.parametrize("form", list(CHAIN_FORMS))
+def test_chain_rules_are_what_the_commands_do(chain_models, form, tmp_path):
+    """recipe check's table of which step reads which stage (recipes._step_refusal) and what a
+    step writes (_forms_after) against the commands themselves: every step of CHAIN_STEPS run,
+    through the command line a recipe run builds, on a model of every form. A refusal the table
+    predicts must be the command's (exit code 1-2 with an 'error'), and a step it lets through must run."""
+    from rwkvtools import recipes as R
+    src = chain_models[form]
+    assert R._forms_of_file(src) == (set() if form == "dense" else {form})
+    wrong = []
+    for i, (kind, opts) in enumerate(CHAIN_STEPS):
+        cmd = R._command(kind)
+        dst = str(tmp_path / f"out{i}{R._out_ext(kind, opts, src)}")
+        args = R._stage_args(cmd, kind, opts, src, dst, str(tmp_path / f"r{i}.json"),
+                             {"tokens": 64}, teacher=chain_models["dense"])
+        if kind != "eval":
+            args.append("--no-validate")
+        r = runner.invoke(main, args)
+        why = R._step_refusal(kind, opts, R._forms_of_file(src))
+        if why is None:
+            if r.exit_code != 0:
+                wrong.append(f"{form} -> {kind} {opts}: the table lets it through, the command says {r.output}")
+            elif kind != "eval" and R._forms_of_file(dst) != R._forms_after(kind, opts, R._forms_of_file(src)):
+                wrong.append(f"{form} -> {kind} {opts}: wrote {R._forms_of_file(dst)}, the table says "
+                             f"{R._forms_after(kind, opts, R._forms_of_file(src))}")
+        elif r.exit_code == 0 or "Traceback" in r.output or os.path.exists(dst):
+            wrong.append(f"{form} -> {kind} {opts}: the table refuses ({why}), the command: {r.exit_code} {r.output}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_recipe_check_refuses_a_step_that_cannot_read_the_last(tmp_path):
+    src = fixture_path("tiny-rwkv-5v2-730K-FP32.bin")
+    p = write(tmp_path, base(model=src, steps=[{"export-onnx": {}}, {"lowrank": {"rank": 0.5}}]))
+    r = runner.invoke(main, ["recipe", "check", p])
+    assert r.exit_code != 0 and "step 2 (lowrank) cannot run: its input is an .onnx file" in r.output, r.output
+    p = write(tmp_path, base(model=src, steps=[{"quantize": {"scheme": "int8"}},
+                                               {"quantize": {"scheme": "Q5_1"}, "sweep": None}]))
+    r = runner.invoke(main, ["recipe", "run", p, "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "step 2 (quantize) cannot run" in r.output and not (tmp_path / "o").exists(), r.output
+    p = write(tmp_path, base(model=src, steps=[{"lowrank": {"rank": 0.5}, "sweep": {"merge": [False, True]}},
+                                               {"quantize": {"scheme": "Q5_1"}}]))
+    assert runner.invoke(main, ["recipe", "check", p]).exit_code == 0  # the sweep goes on from merge=True: dense
+    # the source's own form counts: an int8 source cannot be quantized again
+    q = str(tmp_path / "q.safetensors")
+    assert runner.invoke(main, ["quantize", src, q, "--scheme", "int8", "--no-validate"]).exit_code == 0
+    p = write(tmp_path, base(model=q, steps=[{"quantize": {"scheme": "int4"}}]))
+    r = runner.invoke(main, ["recipe", "check", p])
+    assert r.exit_code != 0 and "quantize needs a dense model, and its input is quantized" in r.output, r.output
