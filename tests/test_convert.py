@@ -775,6 +775,21 @@ def test_rnn_form_refuses_quantized_linears(tiny_models):
         to_rnn(q)
 
 
+def test_rwkvcpp_refusal_names_the_way_out_for_the_representation_it_meets(tiny_models, tmp_path):
+    """int8 linears were told to 'merge low-rank factors' (lowrank --merge), which does nothing
+    for them; each stored form gets its own way out."""
+    from rwkvtools.transforms.lowrank import LowRankConfig, lowrank
+    from rwkvtools.transforms.quantize import QuantizeConfig, quantize
+    q = quantize(tiny_models["5.2"], QuantizeConfig("int8"))
+    with pytest.raises(FormatError, match="quantize the dense original straight to rwkv.cpp") as e:
+        write_rwkvcpp(q, str(tmp_path / "q.bin"))
+    assert "low-rank" not in str(e.value) and "--merge" not in str(e.value)
+    lr = lowrank(tiny_models["5.2"], LowRankConfig(rank=0.5, method="svd"))
+    with pytest.raises(FormatError, match="merge the low-rank factors first .*--merge"):
+        write_rwkvcpp(lr, str(tmp_path / "l.bin"))
+    assert not list(tmp_path.iterdir())
+
+
 def test_invert_value_of_a_decay_of_exactly_one_is_finite():
     """exp(-exp(td)) rounds to 1.0 in fp32 for td below ~-17: the inverse must be a finite td that
     reproduces 1.0 (not log(0) = -inf), and decay 0 likewise."""

@@ -348,10 +348,16 @@ def check_writable(ckpt: Checkpoint):
     for p in linear_prefixes(spec):
         if f"{p}.weight" not in t:
             from ..transforms.lowrank import merge_hint
+            if f"{p}.weight_u" in t:
+                way = f"merge the low-rank factors first ({merge_hint(t)})"
+            elif f"{p}.weight_int8" in t or f"{p}.weight_int4" in t:
+                way = ("quantize the dense original straight to rwkv.cpp (rwkvtools quantize DENSE OUT.bin "
+                       "--scheme Q5_1), or write .gguf (dequantized)")
+            else:
+                way = "start from a dense checkpoint"
             raise FormatError(f"rwkv.cpp needs dense matrices, but '{p}' is stored in another representation "
                               f"({', '.join(k for k in t if k.startswith(p + '.'))}); rwkv.cpp's loader only knows "
-                              f"dense tensors: for low-rank factors merge them first ({merge_hint(t)}), or keep this "
-                              "checkpoint in .safetensors")
+                              f"dense tensors: {way}, or keep this checkpoint in .safetensors")
     unknown = [k for k in t if k not in lay]
     if unknown:
         raise FormatError(f"rwkv.cpp's loader does not know {len(unknown)} tensor(s) of this checkpoint, e.g. "
