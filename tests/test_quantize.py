@@ -585,3 +585,30 @@ def test_cli_group_size_with_another_scheme_is_refused(tmp_path, scheme, ext):
     assert r.exit_code == 2, r.output
     assert "error: --group-size applies to --scheme int4" in r.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--damp", "0.05"], "--damp applies to --method gptq"),
+    (["--calib-tokens", "512"], "--calib-tokens applies to --method gptq"),
+    (["--chunk-len", "64"], "--chunk-len applies to gptq calibration and --tune-steps"),
+    (["--tune-lr", "0.01"], "--tune-lr: tuning options"),
+    (["--method", "gptq", "--tune-seq", "64"], "--tune-seq: tuning options"),
+])
+def test_cli_options_the_method_ignores_are_refused(tmp_path, extra, match):
+    """--damp/--calib-tokens with rtn, or --tune-* without --tune-steps, were accepted and ignored
+    (the same file as without them; a recipe sweeping one measured the same model twice)."""
+    from click.testing import CliRunner
+    from rwkvtools.cli import main
+    from conftest import fixture_path
+    out = tmp_path / "q.bin"
+    r = CliRunner().invoke(main, ["quantize", str(fixture_path("tiny-rwkv-5v2-730K-FP32.bin")), str(out),
+                                  "--scheme", "Q5_1", *extra, "--no-validate"])
+    assert r.exit_code == 2 and f"error: {match}" in r.output, r.output
+    assert not out.exists()
+    # the same option where the method uses it runs (tuning uses --chunk-len)
+    ok = {"--damp": ["--method", "gptq", "--calib-tokens", "64"], "--chunk-len": ["--tune-steps", "1", "--tune-tokens", "64",
+                                                                               "--tune-seq", "32", "--tune-batch", "1"]}
+    if extra[0] in ok:
+        r = CliRunner().invoke(main, ["quantize", str(fixture_path("tiny-rwkv-5v2-730K-FP32.bin")), str(out),
+                                      "--scheme", "Q5_1", *extra, *ok[extra[0]], "--no-validate"])
+        assert r.exit_code == 0 and out.exists(), r.output

@@ -125,6 +125,17 @@ def check_options(dst, opts, given):
         raise UserError("--tune-steps must be 0 (off) or positive")
     if opts["act_order"] and method != "gptq":
         raise UserError("--act-order applies to --method gptq")
+    # options that would be ignored are refused, as --group-size is
+    unused = [o for o in ("damp", "calib_tokens") if o in given and method != "gptq"]
+    unused += [o for o in ("chunk_len",) if o in given and method != "gptq" and not tuning]
+    if unused:
+        raise UserError(f"{', '.join('--' + o.replace('_', '-') for o in unused)} appl{'ies' if len(unused) == 1 else 'y'} "
+                        f"to {'--method gptq' if unused != ['chunk_len'] else 'gptq calibration and --tune-steps'} "
+                        f"(the method here is {method})")
+    idle = [o for o in ("tune_lr", "tune_tokens", "tune_batch", "tune_seq") if o in given and not tuning]
+    if idle:
+        raise UserError(f"{', '.join('--' + o.replace('_', '-') for o in idle)}: tuning options; tuning runs with "
+                        "--tune-steps N (N > 0)")
     return QuantizeConfig(scheme=scheme, method=method, group_size=int(opts["group_size"]),
                           skip=tuple(opts["skip"]), include=tuple(opts["include"]),
                           calib_tokens=opts["calib_tokens"], chunk_len=opts["chunk_len"], damp=opts["damp"],
