@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import VERSIONS, fixture_path, max_rel, wikitext_bytes
+from conftest import DATA, VERSIONS, fixture_path, max_rel, wikitext_bytes
 from rwkvtools.model import build_model
 from rwkvtools.model.linear import DenseLinear, LowRankLinear
 from rwkvtools.random_init import random_checkpoint
@@ -397,3 +397,14 @@ def test_refusals_of_factored_linears_name_a_merge_that_works(tmp_path):
     toks = _toks(40, vocab=256)
     assert max_rel(_logits(read_checkpoint(dense), toks), _logits(read_checkpoint(lr), toks)) < 1e-4
     assert _run("convert", dense, str(tmp_path / "x.bin"), "--no-validate").exit_code == 0
+
+
+@pytest.mark.parametrize("extra", [["--damp", "0.1"], ["--calib-tokens", "300"], ["--chunk-len", "64"],
+                                   ["--calib", str(DATA / "wikitext-2-test.txt")]])
+def test_cli_calibration_options_with_svd_are_refused(tmp_path, extra):
+    """--method svd uses no calibration: --calib, --calib-tokens, --damp, --chunk-len were accepted
+    and ignored (the same file as without them)."""
+    src, dst = fixture_path("tiny-rwkv-5v2-730K-FP32.bin"), tmp_path / "o.safetensors"
+    res = _run("lowrank", src, dst, "--rank", 0.5, "--method", "svd", *extra, "--no-validate")
+    assert res.exit_code == 2 and f"error: {extra[0]} applies to --method whiten" in res.output, res.output
+    assert not dst.exists()

@@ -8,7 +8,7 @@ import time
 import click
 
 from ..cli import FINITE_FLOAT, UserError, handle_errors, main
-from .common import finish, option_check, output_guard, print_summary, run_validation, validation_options
+from .common import finish, given_options, option_check, output_guard, print_summary, run_validation, validation_options
 
 
 @main.command()
@@ -51,7 +51,7 @@ def lowrank(src, dst, **opts):
       rwkvtools lowrank ../shared/fixtures/tiny-rwkv-7v0-834K.pth /tmp/lr7.pth --rank 0.5 --method svd --merge
       rwkvtools inspect /tmp/lr.safetensors
     """
-    handle_errors(_lowrank)(src, dst, opts)
+    handle_errors(_lowrank)(src, dst, opts, given_options(click.get_current_context()))
 
 
 @option_check("lowrank")
@@ -65,6 +65,10 @@ def check_options(dst, opts, given=frozenset()):
                         "or write .safetensors / .pth")
     if opts["calib_tokens"] < 2:
         raise UserError("--calib-tokens must be at least 2")
+    unused = [o for o in ("calib", "calib_tokens", "damp", "chunk_len") if o in given and opts["method"] != "whiten"]
+    if unused:  # refused rather than ignored
+        raise UserError(f"{', '.join('--' + o.replace('_', '-') for o in unused)} appl{'ies' if len(unused) == 1 else 'y'} "
+                        f"to --method whiten (svd factors the weights alone, with no calibration)")
     rank = opts["rank"]
     if rank >= 1 and rank == int(rank):
         rank = int(rank)
@@ -73,7 +77,7 @@ def check_options(dst, opts, given=frozenset()):
                          merge=opts["merge"])
 
 
-def _lowrank(src, dst, opts):
+def _lowrank(src, dst, opts, given=frozenset()):
     from ..io import read_checkpoint
     from ..io.writers import write_checkpoint
     from ..spec import detect
@@ -82,7 +86,7 @@ def _lowrank(src, dst, opts):
 
     output_guard(src, dst, opts["force"], {"--calib": opts["calib"], "--eval-text": opts["eval_text"]},
                  opts["report"])
-    cfg = check_options(dst, opts)
+    cfg = check_options(dst, opts, given)
     progress = opts["progress"] if opts["progress"] is not None else sys.stderr.isatty()
     t0 = time.perf_counter()
     before = prepare_for_model(read_checkpoint(src))
