@@ -432,3 +432,19 @@ def test_shared_lora_dense_weight_is_what_the_layer_computes():
         n_in = m.shared_weight.shape[1]
         with torch.no_grad():
             assert torch.allclose(m.dense_weight(), m(torch.eye(n_in)).t(), atol=1e-6)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--calib-tokens", "300"], "--calib-tokens applies to --lora-method whiten"),
+    (["--lora-rank", "2", "--calib-tokens", "300"], "--calib-tokens applies to --lora-method whiten"),
+    (["--lora-method", "whiten"], "--lora-method chooses how the LoRA relaxation starts"),
+])
+def test_cli_options_nothing_uses_are_refused(tmp_path, extra, match):
+    """Calibration options without a whitened LoRA, or --lora-method without LoRA, were accepted and
+    ignored (the same file as without them)."""
+    from rwkvtools.cli import main
+    dst = tmp_path / "o.safetensors"
+    r = CliRunner().invoke(main, ["recursive", fixture_path("tiny-rwkv-5v2-730K-FP32.bin"), str(dst), "--blocks", "2",
+                                  *extra, "--no-validate"])
+    assert r.exit_code == 2 and f"error: {match}" in r.output, r.output
+    assert not dst.exists()

@@ -9,7 +9,7 @@ import time
 import click
 
 from ..cli import FINITE_FLOAT, SEED, UserError, handle_errors, main
-from .common import finish, option_check, output_guard, print_summary, run_validation, validation_options
+from .common import finish, given_options, option_check, output_guard, print_summary, run_validation, validation_options
 
 
 def _format(dst: str) -> str:
@@ -86,7 +86,7 @@ def recursive(src, dst, **opts):
       rwkvtools inspect /tmp/rec6.safetensors
       rwkvtools recursive /tmp/rec6.safetensors /tmp/rec6-plain.safetensors --merge --force
     """
-    handle_errors(_recursive)(src, dst, opts)
+    handle_errors(_recursive)(src, dst, opts, given_options(click.get_current_context()))
 
 
 def _merge_only(src, dst, src_ck, fmt, opts):
@@ -126,12 +126,19 @@ def check_options(dst, opts, given=frozenset()):
         raise UserError("--calib-tokens must be at least 2")
     if opts["blocks"] is None:
         return None
+    no_lora = str(opts["lora_rank"]).strip() == "0"
+    if "lora_method" in given and no_lora:  # refused rather than ignored
+        raise UserError("--lora-method chooses how the LoRA relaxation starts: it applies with --lora-rank above 0")
+    unused = [o for o in ("calib", "calib_tokens") if o in given and (no_lora or opts["lora_method"] != "whiten")]
+    if unused:
+        raise UserError(f"{', '.join('--' + o.replace('_', '-') for o in unused)} appl{'ies' if len(unused) == 1 else 'y'} "
+                        "to --lora-method whiten with --lora-rank above 0 (nothing else is calibrated)")
     return RecursiveConfig(blocks=opts["blocks"], order=opts["order"], init=opts["init"], lora_rank=opts["lora_rank"],
                            lora_method=opts["lora_method"], share=opts["share"], keep_first=opts["keep_first"],
                            keep_last=opts["keep_last"], calib_tokens=opts["calib_tokens"], seed=opts["seed"])
 
 
-def _recursive(src, dst, opts):
+def _recursive(src, dst, opts, given=frozenset()):
     from ..io import read_checkpoint
     from ..io.writers import write_checkpoint
     from ..spec import detect
@@ -141,7 +148,7 @@ def _recursive(src, dst, opts):
 
     output_guard(src, dst, opts["force"], {"--calib": opts["calib"], "--eval-text": opts["eval_text"]},
                  opts["report"])
-    cfg = check_options(dst, opts)
+    cfg = check_options(dst, opts, given)
     fmt = _writable_format(dst, opts["merge"])
     src_ck = read_checkpoint(src)
     if "shared.map" in src_ck.tensors:
