@@ -289,25 +289,30 @@ def load_recipe(path: str) -> Recipe:
                   str(raw.get("description") or ""), expand(model, base) if model else None, ev, overall, steps, raw)
 
 
-def check_inputs(recipe: Recipe, model: str | None = None) -> None:
-    """The files a run reads, there before it starts: the source model (``model`` or the
-    recipe's), the evaluation text and every path-valued step option (calib, text, teacher,
-    eval-text, tokenizer-file), sweep values included. One error lists every missing file. Then
-    each step can read what the step before it writes (check_chain)."""
-    missing = []
+def input_files(recipe: Recipe, model: str | None = None) -> list[tuple[str, str]]:
+    """(label, path) of every file a run reads: the source model (``model`` or the recipe's),
+    the evaluation text and every path-valued step option (calib, text, teacher, eval-text,
+    tokenizer-file), sweep values included."""
+    out = []
     src = model or recipe.model
-    if src and not os.path.exists(src):
-        missing.append(f"source model {src}")
-    if recipe.eval.get("text") and not os.path.exists(recipe.eval["text"]):
-        missing.append(f"eval text {recipe.eval['text']}")
+    if src:
+        out.append(("source model", src))
+    if recipe.eval.get("text"):
+        out.append(("eval text", recipe.eval["text"]))
     for step in recipe.steps:
         cmd = _command(step.kind)
         named = list(step.options.items())
         if step.sweep:
             named += [(step.sweep[0], v) for v in step.sweep[1]]
-        for k, v in named:
-            if isinstance(v, str) and _is_path_option(cmd, k) and not os.path.exists(v):
-                missing.append(f"step {step.index} ({step.kind}) {k} {v}")
+        out += [(f"step {step.index} ({step.kind}) {k}", v) for k, v in named
+                if isinstance(v, str) and _is_path_option(cmd, k)]
+    return out
+
+
+def check_inputs(recipe: Recipe, model: str | None = None) -> None:
+    """The files a run reads (input_files) are there before it starts; one error lists every
+    missing file. Then each step can read what the step before it writes (check_chain)."""
+    missing = [f"{label} {p}" for label, p in input_files(recipe, model) if not os.path.exists(p)]
     if missing:
         raise RecipeError(f"{recipe.path}: not found: {'; '.join(missing)}")
     check_chain(recipe, model)

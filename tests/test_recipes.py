@@ -600,3 +600,24 @@ def test_recipe_check_refuses_a_step_that_cannot_read_the_last(tmp_path):
     p = write(tmp_path, base(model=q, steps=[{"quantize": {"scheme": "int4"}}]))
     r = runner.invoke(main, ["recipe", "check", p])
     assert r.exit_code != 0 and "quantize needs a dense model, and its input is quantized" in r.output, r.output
+
+
+@pytest.mark.parametrize("name", ["01-quantize.safetensors", "report.json", "m.pth"])
+def test_run_refuses_an_out_folder_that_holds_an_input(tmp_path, name):
+    """A model inside --out under a stage's name was deleted as a stale output (the stage then
+    failed on the missing file); one named report.json was overwritten by the report."""
+    out = tmp_path / "out"
+    out.mkdir()
+    model = out / name
+    model.write_bytes(pathlib.Path(fixture_path("tiny-rwkv-5v2-730K-FP32.bin")).read_bytes())
+    before = model.read_bytes()
+    p = write(tmp_path, base(model=str(model)))
+    r = runner.invoke(main, ["recipe", "run", p, "--out", str(out)])
+    assert r.exit_code == 2 and "is a folder that holds the input" in r.output and "(source model)" in r.output, r.output
+    assert model.read_bytes() == before and sorted(x.name for x in out.iterdir()) == [name]
+    # an evaluation text (or calibration text) inside --out likewise
+    text = out / "t.txt"
+    text.write_text("hello world " * 50)
+    p = write(tmp_path, base(eval={"text": str(text), "tokens": 64}))
+    r = runner.invoke(main, ["recipe", "run", p, "--out", str(out)])
+    assert r.exit_code == 2 and "(eval text)" in r.output, r.output

@@ -92,8 +92,8 @@ def _run(recipe_file, model, out_dir, as_json, summary):
 
 
 def _guard(r, model, out_dir, summary) -> None:
-    """Before anything runs: --out is a folder that is not (in) the model folder, and --summary
-    is none of the inputs (model, recipe, evaluation text)."""
+    """Before anything runs: --out is a folder that neither holds nor lies in any input (model,
+    recipe, evaluation text, path options), and --summary is none of them."""
     from ..cli import UserError
     from ..errors import RwkvToolsError
     from ..io.paths import check_place, clash
@@ -112,13 +112,13 @@ def _guard(r, model, out_dir, summary) -> None:
                 raise UserError(f"--summary {summary}: the folder {parent} does not exist")
     except RwkvToolsError as e:
         raise UserError(str(e)) from None
-    inputs = {"model": model, "recipe": r.path, "eval text": r.eval.get("text")}
-    inputs = {k: p for k, p in inputs.items() if p and os.path.exists(p)}
-    if "model" in inputs:
-        why = clash(out_dir, inputs["model"], "model")
+    from ..recipes import input_files
+    inputs = [(label, p) for label, p in [("recipe", r.path), *input_files(r, model)] if os.path.exists(p)]
+    for label, p in inputs:  # the run writes and removes stage files and reports in --out
+        why = clash(out_dir, p, label, out_is_folder=True)
         if why:
-            raise UserError(f"--out {why}; give another folder")
-    for label, p in inputs.items():
+            raise UserError(f"--out {why}; give another folder (the run writes and replaces files there)")
+    for label, p in inputs:
         why = summary and clash(summary, p, label)
         if why:
             raise UserError(f"--summary {why}; give another file")
