@@ -608,3 +608,20 @@ def test_recipe_run_summary_that_is_a_folder_is_refused_first(ws, tmp_path):
     assert_user_error(res, "sums is a folder; give a file to append the table to")
     assert not (tmp_path / "out").exists()
     assert list((tmp_path / "sums").iterdir()) == []
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+@pytest.mark.parametrize("command", [["quantize", "--scheme", "int8"], ["convert"]])
+def test_dst_that_is_a_linked_file_of_an_input_folder_is_refused(tmp_path, link, command):
+    """A Hugging Face folder whose weights file is a link to a blob (the hub cache's layout):
+    writing DST = the blob replaced the model's weights (exit 0; the folder then read as another
+    layout). The link's target is an input file too."""
+    hf, blob = tmp_path / "hf", tmp_path / "blob.safetensors"
+    write_checkpoint(random_checkpoint("7", n_layer=2, n_embd=32, vocab=64, head_size=16, seed=1), str(hf))
+    os.replace(hf / "model.safetensors", blob)
+    (os.symlink if link == "symlink" else os.link)(blob, hf / "model.safetensors")
+    before = blob.read_bytes()
+    r = CliRunner().invoke(main, [command[0], str(hf), str(blob), *command[1:], "--force", "--no-validate"])
+    assert r.exit_code == 2 and "is the input file" in r.output, r.output
+    assert blob.read_bytes() == before
+    assert read_checkpoint(str(hf)).num_params() > 0

@@ -18,6 +18,25 @@ def _within(path: str, folder: str) -> bool:
     return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
 
 
+def _held_file(out: str, folder: str) -> str | None:
+    """A file directly in ``folder`` that is ``out`` through a symlink or a hard link, or None."""
+    real_out = _real(out)
+    out_exists = os.path.exists(out)
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return None
+    for e in entries:
+        try:
+            if not e.is_file():
+                continue
+            if _real(e.path) == real_out or (out_exists and os.path.samefile(e.path, out)):
+                return e.path
+        except OSError:
+            continue
+    return None
+
+
 def clash(out: str, inp: str, label: str = "", out_is_folder: bool = False) -> str | None:
     """Why writing ``out`` would touch the existing input ``inp`` (a sentence), or None: ``out``
     is ``inp`` (any spelling, a symlink, a hard link), lies inside an input folder, or is a
@@ -28,6 +47,9 @@ def clash(out: str, inp: str, label: str = "", out_is_folder: bool = False) -> s
             return f"{out} is the input folder{lbl}"
         if _within(out, inp):
             return f"{out} is inside the input folder {inp}{lbl}"
+        held = _held_file(out, inp)  # a file of the folder that is a link to out (the Hugging Face cache layout)
+        if held:
+            return f"{out} is the input file {held}{lbl}"
     elif _real(out) == _real(inp) or (os.path.exists(out) and os.path.samefile(out, inp)):
         return f"{out} is the input file{lbl}"
     if out_is_folder and _within(inp, out):
