@@ -176,3 +176,24 @@ def test_block_quantize_error_bound(qtype):
              "Q4_1": span / 15 * 0.5, "Q5_1": span / 31 * 0.5}[qtype]
     bound = bound * 1.01 + amax * 4e-3  # + the fp16 rounding of scale and minimum
     assert np.all(np.abs(back - x).reshape(-1, 32).max(1) <= bound)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_pth_views_that_claim_more_than_is_stored_are_refused(tmp_path, tiny_models, legacy):
+    """A zero-stride view (one row expanded) is a few bytes in the file and any size in use: a
+    3 MB file claimed a 64 GiB embedding (inspect reported 34B parameters, convert tried the
+    allocation, eval spun). Many views of one storage likewise. Zip and legacy files alike."""
+    sd = {k: v.clone() for k, v in tiny_models["7"].tensors.items()}
+    V, C = sd["emb.weight"].shape
+    cases = {"expanded": {**sd, "emb.weight": sd["emb.weight"][0].clone().expand(1 << 24, C)}}
+    big = torch.randn(1 << 16)
+    cases["fan-out"] = {**sd, **{f"x{i}": big[i:] for i in range(200)}}
+    for name, obj in cases.items():
+        p = tmp_path / f"{name}.pth"
+        torch.save(obj, p, _use_new_zipfile_serialization=not legacy)
+        with pytest.raises(FormatError, match="claim"):
+            read_checkpoint(str(p))
+    # an ordinary transposed view (strides permuted, every element stored once) still reads
+    p = tmp_path / "t.pth"
+    torch.save({**sd, "head.weight": sd["head.weight"].t().contiguous().t()}, p, _use_new_zipfile_serialization=not legacy)
+    assert torch.equal(read_checkpoint(str(p)).tensors["head.weight"], sd["head.weight"])

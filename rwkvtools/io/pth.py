@@ -52,12 +52,26 @@ def read_pth(path: str) -> Checkpoint:
             raise FormatError(f"{path}: '{MANIFEST_KEY}' must be a 1-D uint8 tensor of JSON bytes")
         manifest = parse_manifest(m.numpy().tobytes(), f"{path} ('{MANIFEST_KEY}')")
     tensors = {}
+    stored: dict[int, int] = {}  # storage -> its bytes: what the file really holds
+    claimed = 0
     for k, v in obj.items():
         if not isinstance(k, str):
             raise FormatError(f"{path}: expected string keys, found {k!r}")
         if not isinstance(v, torch.Tensor):
             raise FormatError(f"{path}: entry '{k}' is a {type(v).__name__}, expected a tensor")
+        # a view may repeat its storage (zero or overlapping strides): a few bytes in the file
+        # that claim a tensor of any size, materialised in full by every use
+        nbytes, have = v.numel() * v.element_size(), v.untyped_storage().nbytes()
+        if nbytes > have:
+            raise FormatError(f"{path}: tensor '{k}' of shape {tuple(v.shape)} claims {nbytes:,} bytes from "
+                              f"{have:,} stored (repeated by its strides {tuple(v.stride())}); a checkpoint stores "
+                              "every element")
+        stored[v.untyped_storage().data_ptr()] = have
+        claimed += nbytes
         tensors[k] = v
+    if claimed > 2 * sum(stored.values()) + (1 << 20):  # tied pairs (e.g. emb/head) are fine, a fan-out is not
+        raise FormatError(f"{path}: its tensors claim {claimed:,} bytes from {sum(stored.values()):,} stored (views "
+                          "of the same storage many times over); a checkpoint stores every tensor")
     return Checkpoint(tensors, manifest, source=path)
 
 
