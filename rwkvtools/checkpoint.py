@@ -87,16 +87,55 @@ def default_manifest() -> dict[str, Any]:
     return {"format_version": MANIFEST_FORMAT_VERSION, "form": "parallel", "history": []}
 
 
+# JSON that rwkvtools reads from files (safetensors headers, manifests, config.json, ONNX
+# metadata) holds a few thousand objects at most; a file of millions of tiny ones ('[{},{},...]')
+# would take gigabytes as Python objects before any check could look at it
+MAX_JSON_OBJECTS = 200_000
+
+
+class _TooManyObjects(Exception):
+    pass
+
+
+def load_json(text, where: str, what: str = "JSON"):
+    """json.loads, stopped once the text has built MAX_JSON_OBJECTS objects or lists (memory
+    bounded by that, not by the text), errors as FormatError naming ``where``."""
+    from .errors import FormatError
+    count = [0]
+
+    def hook(pairs):
+        count[0] += 1
+        if count[0] > MAX_JSON_OBJECTS:
+            raise _TooManyObjects
+        return dict(pairs)
+
+    def parse_array(s_and_end, scan_once, _orig=json.decoder.JSONArray):
+        count[0] += 1
+        if count[0] > MAX_JSON_OBJECTS:
+            raise _TooManyObjects
+        return _orig(s_and_end, scan_once)
+
+    decoder = json.JSONDecoder(object_pairs_hook=hook)
+    decoder.parse_array = parse_array
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)  # the C scanner ignores parse_array
+    try:
+        if isinstance(text, (bytes, bytearray)):
+            text = bytes(text).decode("utf-8")
+        return decoder.decode(text)
+    except _TooManyObjects:
+        raise FormatError(f"{where}: the {what} holds more than {MAX_JSON_OBJECTS:,} objects/lists; not one "
+                          "rwkvtools reads") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{where}: the {what} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise FormatError(f"{where}: the {what} is nested too deep") from None
+
+
 def parse_manifest(text, where: str) -> dict[str, Any]:
     """The manifest a file stores as JSON text (or UTF-8 bytes), checked to have the structure the
     rest of rwkvtools reads: an object, ``form`` a string, ``history`` a list of objects (their
     ``options`` objects), ``notes`` a list. ``where`` names the file in the FormatError."""
-    try:
-        m = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise FormatError(f"{where}: the stored manifest is not valid JSON") from None
-    except RecursionError:
-        raise FormatError(f"{where}: the stored manifest is nested too deep to be a manifest") from None
+    m = load_json(text, where, "stored manifest")
     if not isinstance(m, dict):
         raise FormatError(f"{where}: the stored manifest is not a JSON object")
     history = m.get("history", [])

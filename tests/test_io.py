@@ -197,3 +197,28 @@ def test_pth_views_that_claim_more_than_is_stored_are_refused(tmp_path, tiny_mod
     p = tmp_path / "t.pth"
     torch.save({**sd, "head.weight": sd["head.weight"].t().contiguous().t()}, p, _use_new_zipfile_serialization=not legacy)
     assert torch.equal(read_checkpoint(str(p)).tensors["head.weight"], sd["head.weight"])
+
+
+@pytest.mark.parametrize("where", ["safetensors", "config.json"])
+def test_json_of_millions_of_tiny_objects_is_refused_early(tmp_path, tiny_models, where):
+    """A 104 MB safetensors header of '[{},{},...]' took 2.8 GB as Python objects before the
+    'no data_offsets' error (a 66 MB config.json 1.9 GB). The parser stops after
+    MAX_JSON_OBJECTS objects/lists; headers are capped at 16 MB."""
+    import json as _json
+    from rwkvtools.checkpoint import MAX_JSON_OBJECTS, load_json
+    from rwkvtools.io.writers import write_checkpoint
+    balloon = '{"a": [' + "{}, [], " * MAX_JSON_OBJECTS + "{}]}"
+    with pytest.raises(FormatError, match="more than 200,000 objects"):
+        load_json(balloon, "x")
+    assert load_json('{"a": [1, {"b": []}]}', "x") == {"a": [1, {"b": []}]}
+    if where == "safetensors":
+        raw = balloon.encode() + b" " * (-len(balloon) % 8)
+        p = tmp_path / "h.safetensors"
+        p.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    else:
+        p = tmp_path / "hf"
+        write_checkpoint(tiny_models["7"], str(p))
+        cfg = _json.loads((p / "config.json").read_text())
+        (p / "config.json").write_text(_json.dumps({**cfg, "junk": [{} for _ in range(MAX_JSON_OBJECTS + 1)]}))
+    with pytest.raises(FormatError, match="more than 200,000 objects"):
+        read_checkpoint(str(p))

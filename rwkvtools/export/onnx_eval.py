@@ -3,7 +3,6 @@ convention: ``OnnxModel(path)(tokens[B, T], state) -> (logits[B, T, V], state)``
 in and out, so that ``validate.perplexity`` and ``rwkvtools eval`` judge it like a checkpoint."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -11,6 +10,7 @@ import re
 import numpy as np
 import torch
 
+from ..checkpoint import load_json
 from ..errors import FormatError, RwkvToolsError
 
 
@@ -64,7 +64,7 @@ class OnnxModel:
         if raw is None:
             raise FormatError(f"{path}: not an RWKV model exported by rwkvtools (no 'rwkvtools' metadata)")
         try:
-            self.meta = json.loads(raw)
+            self.meta = load_json(raw, path, "rwkvtools metadata")
             if not isinstance(self.meta, dict):
                 raise ValueError("not a JSON object")
             self.vocab = int(self.meta["vocab"])

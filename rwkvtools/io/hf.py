@@ -25,10 +25,10 @@ import re
 
 import torch
 
-from ..checkpoint import Checkpoint, LazyTensors, default_manifest, tensor_dtype, tensor_shape
+from ..checkpoint import Checkpoint, LazyTensors, default_manifest, load_json, tensor_dtype, tensor_shape
 from ..errors import FormatError
 
-_MAX_JSON = 64 * 1024 * 1024
+_MAX_JSON = 16 * 1024 * 1024
 FAMILIES = {"4": "rwkv", "5.0": "rwkv5", "5.2": "rwkv5", "6": "rwkv6", "7": "rwkv7"}
 ARCHITECTURES = {"rwkv": "RwkvForCausalLM", "rwkv5": "Rwkv5ForCausalLM", "rwkv6": "Rwkv6ForCausalLM",
                  "rwkv7": "RWKV7ForCausalLM"}
@@ -211,12 +211,11 @@ def _read_json(path: str) -> dict:
     try:
         if os.path.getsize(path) > _MAX_JSON:
             raise FormatError(f"{path}: larger than {_MAX_JSON} bytes; not a config/index file")
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise FormatError(f"{path}: JSON nested too deep to be a config/index file") from None
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
+    obj = load_json(raw, path, "config/index file")
     if not isinstance(obj, dict):
         raise FormatError(f"{path}: expected a JSON object")
     return obj
