@@ -1225,9 +1225,12 @@ def _meta(**kw):
 @pytest.mark.parametrize("change", [
     "[" * 100_000 + "]" * 100_000, _meta(states=[None]), _meta(state_layer=5), _meta(state_layer=1.5),
     _meta(n_layer=10**9), _meta(n_layer=-1), _meta(state_shape=["batch", -4]), _meta(state_shape=["batch"]),
-    _meta(state_shape=["batch", 10**9]), _meta(state_name="wkv.7"), _meta(states=[])],
+    _meta(state_shape=["batch", 10**9]), _meta(state_name="wkv.7"), _meta(states=[]),
+    _meta(mode="sequence"), _meta(mode="zz"), _meta(logits="zz"), _meta(history=5),
+    _meta(history=[{"transform": "x", "options": 5}])],
     ids=["deep", "entry", "layer", "float layer", "huge n_layer", "negative n_layer", "negative dim",
-         "rank", "huge dim", "name", "no states"])
+         "rank", "huge dim", "name", "no states", "mode of the other graph", "unknown mode", "logits",
+         "history not a list", "history options"])
 def test_onnx_model_refuses_metadata_that_does_not_describe_the_graph(tmp_path, change):
     """OnnxModel trusted the metadata: RecursionError, AttributeError, IndexError, a list of
     n_layer entries (MemoryError), and states unlike the graph's inputs failed in onnxruntime

@@ -71,6 +71,16 @@ class OnnxModel:
             if not 0 < self.vocab < 1 << 31:
                 raise ValueError(f"vocab {self.vocab}")
             self.mode = self.meta["mode"]
+            if self.mode not in ("step", "sequence"):
+                raise ValueError(f"mode {self.mode!r}, not 'step' or 'sequence'")
+            self.logits_mode = self.meta.get("logits", "all")
+            if self.logits_mode not in ("all", "last"):
+                raise ValueError(f"logits {self.logits_mode!r}, not 'all' or 'last'")
+            hist = self.meta.get("history", [])  # transform names (older files) or {transform, options}
+            if not isinstance(hist, list) or not all(
+                    isinstance(h, str) or (isinstance(h, dict) and isinstance(h.get("options", {}), dict))
+                    for h in hist):
+                raise ValueError("'history' is not a list of transforms")
             self.n_layer = int(self.meta["n_layer"])
             self._layout(self.meta["states"])
             self._check_graph()
@@ -78,7 +88,6 @@ class OnnxModel:
             raise FormatError(f"{path}: unreadable rwkvtools metadata ({e})") from None
         except RecursionError:
             raise FormatError(f"{path}: unreadable rwkvtools metadata (JSON nested too deep)") from None
-        self.logits_mode = self.meta.get("logits", "all")
         self.providers = self.session.get_providers()
         self.backend = f"onnxruntime-{self.providers[0].replace('ExecutionProvider', '').lower()}"
         self.path = path
@@ -128,6 +137,10 @@ class OnnxModel:
         outs = {o.name for o in self.session.get_outputs()}
         if "tokens" not in ins or "logits" not in outs:
             raise ValueError("the graph has no 'tokens' input or no 'logits' output")
+        tshape = ins["tokens"]
+        if len(tshape) != 2 or (self.mode == "step") != (tshape[1] == 1):
+            raise ValueError(f"mode '{self.mode}' in the metadata, tokens of shape {tshape} in the graph "
+                             "(a step graph takes [batch, 1], a sequence graph [batch, seq])")
         lshape = next(o.shape for o in self.session.get_outputs() if o.name == "logits")
         if lshape and type(lshape[-1]) is int and lshape[-1] != self.vocab:
             raise ValueError(f"vocab {self.vocab} in the metadata, logits of {lshape[-1]} in the graph")
