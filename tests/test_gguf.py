@@ -935,3 +935,48 @@ def test_densified_gguf_says_so(tmp_path, transform):
     assert [h["transform"] for h in info["history"]][-1] == "densify"
     r = CliRunner().invoke(main, ["convert", src, str(tmp_path / "u.gguf")])
     assert r.exit_code == 0 and "densified:" in r.output and "unused by every runtime" not in r.output, r.output
+
+
+def _gguf_with(src, dst, changes: dict):
+    """A copy of the GGUF ``src`` with metadata fields replaced (``changes``: key -> (value, GGUFValueType))."""
+    r = gguf.GGUFReader(str(src))
+    arch = changes.pop("general.architecture", (None,))[0]
+    w = gguf.GGUFWriter(str(dst), arch or str(r.fields["general.architecture"].contents()))
+    if arch is not None:
+        w.kv_data[0].pop("general.architecture", None)
+        w.add_array("general.architecture", arch)
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture" or name in changes:
+            continue
+        vt = f.types[0]
+        if vt == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(name, f.contents(), vt, sub_type=f.types[-1])
+        else:
+            w.add_key_value(name, f.contents(), vt)
+    for k, (v, vt) in changes.items():
+        w.add_key_value(k, v, vt, **({"sub_type": gguf.GGUFValueType.UINT32} if vt == gguf.GGUFValueType.ARRAY else {}))
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("key,value", [("rwkv7.token_shift_count", [2, 2]), ("general.architecture", ["rwkv7"]),
+                                       ("general.file_type", [1, 2])])
+def test_metadata_of_the_wrong_type_is_a_clear_error(tmp_path, small_gguf, key, value):
+    """An array where GGUF keeps a number or a string: 'internal error (ValueError: The truth value
+    of an array ...)' (token_shift_count, general.architecture); a descriptive field of the wrong
+    type is dropped, not carried into the manifest."""
+    ok = tmp_path / "ok.gguf"
+    _gguf_with(small_gguf, ok, {})  # the copy itself reads as the original
+    assert read_checkpoint(str(ok)).num_params() == read_checkpoint(str(small_gguf)).num_params()
+    p = tmp_path / "m.gguf"
+    _gguf_with(small_gguf, p, {key: (value, gguf.GGUFValueType.ARRAY)})
+    if key == "general.file_type":
+        ck = read_checkpoint(str(p))
+        assert ck.manifest["source_format"]["file_type"] is None
+        return
+    with pytest.raises(FormatError, match=key.replace(".", r"\.")):
+        read_checkpoint(str(p))

@@ -841,6 +841,8 @@ def read_gguf(path: str) -> Checkpoint:
     from ..spec import detect
     g = parse_gguf(path)
     arch = g.kv.get("general.architecture")
+    if not isinstance(arch, str):
+        raise FormatError(f"{path}: GGUF metadata 'general.architecture' is a {type(arch).__name__}, not a string")
     if arch not in ("rwkv6", "rwkv7"):
         extra = " (a hybrid with Qwen/RMSNorm parts, not a BlinkDL layout)" if arch in ("rwkv6qwen2", "arwkv7") else ""
         raise FormatError(f"{path}: GGUF architecture '{arch}'{extra} is not supported; rwkvtools reads rwkv6 and rwkv7")
@@ -851,7 +853,7 @@ def read_gguf(path: str) -> Checkpoint:
         raise FormatError(f"{path}: GGUF head size {N} does not divide the embedding length {C}")
     H = C // N
     R = _kv_int(g, "rwkv6.rescale_every_n_layers", 0) if arch == "rwkv6" else 0
-    shift = g.kv.get(f"{arch}.token_shift_count", 2)
+    shift = _kv_int(g, f"{arch}.token_shift_count", 2)
     if shift != 2:
         raise FormatError(f"{path}: {arch}.token_shift_count = {shift}; BlinkDL RWKV layouts have 2")
     data = _Data(g)
@@ -964,10 +966,12 @@ def read_gguf(path: str) -> Checkpoint:
     types: dict[str, int] = {}
     for ti in g.tensors.values():
         types[ti.type_name] = types.get(ti.type_name, 0) + 1
-    tok = g.kv.get("tokenizer.ggml.model")
+    def plain(key):  # descriptive fields: kept when they have the type GGUF gives them, else dropped
+        v = g.kv.get(key)
+        return int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else v if isinstance(v, str) else None
     manifest["source_format"] = {"format": "gguf", "gguf_version": g.version, "architecture": arch,
-                                 "file_type": g.kv.get("general.file_type"), "tensor_types": types,
-                                 "tokenizer": tok, "name": g.kv.get("general.name"),
+                                 "file_type": plain("general.file_type"), "tensor_types": types,
+                                 "tokenizer": plain("tokenizer.ggml.model"), "name": plain("general.name"),
                                  "rescale_every_n_layers": R}
     names = list(plan)
     ck = Checkpoint(LazyTensors(names, lambda k: plan[k][1](), {k: plan[k][0] for k in names}), manifest, source=path)
