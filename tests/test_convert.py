@@ -22,6 +22,7 @@ from rwkvtools.io.safetensors_io import write_safetensors
 from rwkvtools.io.writers import write_checkpoint
 from rwkvtools.model import build_model
 from rwkvtools.random_init import random_checkpoint
+from rwkvtools.spec import detect
 from rwkvtools.transforms.convert import cast, compare_checkpoints, convert, keeps_fp32
 from rwkvtools.transforms.rnn_form import RESERVED, forward_value, invert_value, to_parallel, to_rnn
 from conftest import VERSIONS, fixture_path, max_rel
@@ -942,3 +943,34 @@ def test_a_readers_source_format_is_not_written_into_safetensors(tmp_path):
     with safe_open(old, "pt") as f:
         assert "source_format" in json.loads(f.metadata()["rwkvtools"])
     assert "source_format" not in read_safetensors(old).manifest
+
+
+def test_single_head_v52_to_rwkvcpp_keeps_its_shapes(tmp_path, monkeypatch):
+    """v5.2 with one head: squeezing the (1, N) decay and bonus wrote (N, 1), read back as v5.1's
+    per-channel decay ('heads 64 x 1', another model: ppl 288.67 -> 287.37) and convert's read-back
+    check ended in an internal error (KeyError). The file keeps (H, N, 1) now; and a read-back
+    whose shapes differ is a clear error with nothing written."""
+    import rwkvtools.io.rwkvcpp as cpp
+    ck = random_checkpoint("5.2", n_layer=2, n_embd=64, vocab=256, head_size=64, seed=4)
+    assert detect(ck.tensors).n_head == 1
+    src, dst = tmp_path / "one.pth", tmp_path / "one.bin"
+    write_checkpoint(ck, str(src))
+    r = CliRunner().invoke(main, ["convert", str(src), str(dst), "--eval-tokens", "64"])
+    assert r.exit_code == 0, r.output
+    back = read_checkpoint(str(dst))
+    assert detect(back.tensors).version == "5.2" and detect(back.tensors).n_head == 1
+    for k in ck.tensors:
+        assert tuple(back.tensors[k].shape) == tuple(ck.tensors[k].shape), k
+    toks = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(0))
+    assert max_rel(build_model(back)(toks)[0], build_model(ck)(toks)[0]) < 1e-4
+    # the old layout, forced: refused with the tensor named, no file
+    real = cpp._file_tensor
+
+    def squeezed(x, name, last, v, spec, H):
+        out = real(x, name, last, v, spec, H)
+        return out.reshape(-1, 1) if last == "time_faaaa" else out
+    monkeypatch.setattr(cpp, "_file_tensor", squeezed)
+    bad = tmp_path / "bad.bin"
+    r = CliRunner().invoke(main, ["convert", str(src), str(bad), "--eval-tokens", "64"])
+    assert r.exit_code == 2 and "reads back with" in r.output and "time_faaaa" in r.output, r.output
+    assert not bad.exists()

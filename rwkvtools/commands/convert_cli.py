@@ -104,7 +104,12 @@ def _convert(src, dst, to, fmt, dtype, rescale_every, cpp_type, writer_opts, pro
             from .common import run_validation
             before = prepare_for_model(read_checkpoint(src))
             after = prepare_for_model(read_checkpoint(staged))
-            report["tensors_compared"] = compare_checkpoints(before, after)
+            report["tensors_compared"] = tc = compare_checkpoints(before, after)
+            if tc.get("shape_mismatch"):  # a writer that cannot hold this model: never a file that reads as another
+                from ..errors import FormatError
+                raise FormatError(f"{dst} not written: it reads back with '{tc['shape_mismatch']}' of shape "
+                                  f"{tuple(tc['shapes'][1])}, the source has {tuple(tc['shapes'][0])} (the {fmt} "
+                                  "writer cannot hold this model as it is; please report it)")
             report["validation"] = run_validation(before, after, opts)
         v = report.get("validation")
         report["written"] = not v or v.get("passed", True)

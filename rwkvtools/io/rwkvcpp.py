@@ -321,11 +321,12 @@ def _file_tensor(x: torch.Tensor, name: str, last: str, v: int, spec, H: int) ->
     elif v == 5:
         if last == "time_decay":
             x = forward_value("exp_neg_exp", x)
-            x = x.unsqueeze(-1) if spec.version == "5.2" else x.reshape(-1, 1, 1)
+            # (H, N, 1) per head (a single head too: squeezing left (N, 1), read back as v5.1's per-channel decay)
+            x = x.reshape(H, -1, 1) if spec.version == "5.2" else x.reshape(-1, 1, 1)
         elif last == "time_first":
             x = forward_value("exp", x).reshape(-1, 1, 1)
         elif last == "time_faaaa":
-            x = x.unsqueeze(-1)
+            x = x.reshape(H, -1, 1)
     elif last == "time_decay":
         x = forward_value("neg_exp", x)
     return x.contiguous()

@@ -247,7 +247,9 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint) -> dict:
         x, y = a.tensors[k], b.tensors[k]
         n += 1
         if tuple(x.shape) != tuple(y.shape):
-            return {"compared": n, "identical": identical, "shape_mismatch": k, "max_abs_diff": math.inf}
+            return {"compared": n, "identical": identical, "shape_mismatch": k, "max_abs_diff": math.inf,
+                    "max_abs_diff_tensor": k, "shapes": [list(x.shape), list(y.shape)],
+                    "only_in_source": only_a, "only_in_output": only_b}
         if x.dtype == y.dtype and torch.equal(x, y):
             identical += 1
             continue
