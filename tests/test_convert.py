@@ -5,6 +5,7 @@ input (clear message, exit 2, no partial files)."""
 import json
 import math
 import os
+import pathlib
 import weakref
 
 import numpy as np
@@ -974,3 +975,22 @@ def test_single_head_v52_to_rwkvcpp_keeps_its_shapes(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["convert", str(src), str(bad), "--eval-tokens", "64"])
     assert r.exit_code == 2 and "reads back with" in r.output and "time_faaaa" in r.output, r.output
     assert not bad.exists()
+
+
+def test_rwkvcpp_output_keeps_an_fp16_model_fp16(tmp_path):
+    """Without --dtype/--rwkvcpp-type an FP16 model was widened to FP32 (twice the bytes) while the
+    report said 'dtype unchanged'; it stays FP16 now (the FP16 fixture: the same bytes), and the
+    report names the type written (FP32 for a dequantized Q5_1 source)."""
+    fp16 = fixture_path("tiny-rwkv-5v2-730K-FP16.bin")
+    out = tmp_path / "c.bin"
+    r = CliRunner().invoke(main, ["convert", str(fp16), str(out), "--no-validate", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["dtype"] == "FP16" and out.read_bytes() == pathlib.Path(fp16).read_bytes()
+    st = tmp_path / "h.safetensors"
+    write_checkpoint(cast(random_checkpoint("7", n_layer=2, n_embd=32, vocab=64, head_size=16, seed=2), "fp16"), str(st))
+    r = CliRunner().invoke(main, ["convert", str(st), str(tmp_path / "h.bin"), "--no-validate", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["dtype"] == "FP16", r.output
+    assert read_checkpoint(str(tmp_path / "h.bin")).manifest["source_format"]["data_type"] == "FP16"
+    r = CliRunner().invoke(main, ["convert", str(fixture_path("tiny-rwkv-7v0-834K-Q5_1.bin")), str(tmp_path / "q.bin"),
+                                  "--no-validate", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["dtype"] == "FP32", r.output

@@ -187,6 +187,9 @@ def convert(src_path: str, dst_path: str, to: str | None = None, format: str | N
             raise RwkvToolsError("rwkv.cpp files have no bf16 type; use --dtype fp32 or fp16")
         if dtype and "data_type" not in options:
             options["data_type"] = dtype.upper()
+        elif "data_type" not in options:  # unchanged: an fp16 model stays FP16 (not widened to FP32)
+            mats = [k for k in ck.tensors if k.endswith(".weight") and len(ck.shape(k)) == 2]
+            options["data_type"] = "FP16" if mats and all(ck.dtype(k) == torch.float16 for k in mats) else "FP32"
         dtype = None  # the rwkv.cpp writer applies its own per-tensor rules
     elif fmt == "gguf":
         if dtype and "dtype" not in options:
