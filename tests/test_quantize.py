@@ -612,3 +612,28 @@ def test_cli_options_the_method_ignores_are_refused(tmp_path, extra, match):
         r = CliRunner().invoke(main, ["quantize", str(fixture_path("tiny-rwkv-5v2-730K-FP32.bin")), str(out),
                                       "--scheme", "Q5_1", *extra, *ok[extra[0]], "--no-validate"])
         assert r.exit_code == 0 and out.exists(), r.output
+
+
+@pytest.mark.parametrize("scheme,ext", [("int4", ".safetensors"), ("Q4_0", ".bin")])
+def test_validation_sizes_are_tensor_bytes_gate_passed_or_not(tmp_path, scheme, ext):
+    """validation.bytes_after was the whole file (header included) when written, and the dequantized
+    view's float bytes when the gate failed (no size reduction reported for a Q4_0 model); it is
+    the stored tensor bytes both ways, like bytes_before (the file's size is file_bytes_after)."""
+    from click.testing import CliRunner
+    from safetensors import safe_open
+    from rwkvtools.cli import main
+    from conftest import fixture_path
+    src = str(fixture_path("tiny-rwkv-5v2-730K-FP32.bin"))
+    reps = []
+    for gate in ("1000", "-1"):
+        out = tmp_path / f"q{gate}{ext}"
+        r = CliRunner().invoke(main, ["quantize", src, str(out), "--scheme", scheme, "--eval-tokens", "64",
+                                      "--max-ppl-increase", gate, "--json"])
+        reps.append(json.loads(r.stdout))
+    ok, failed = reps
+    assert ok["written"] and not failed["written"]
+    assert ok["validation"]["bytes_after"] == failed["validation"]["bytes_after"] < ok["validation"]["bytes_before"]
+    if ext == ".safetensors":
+        with safe_open(str(tmp_path / f"q1000{ext}"), "pt") as f:
+            stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+        assert ok["validation"]["bytes_after"] == stored < ok["file_bytes_after"]

@@ -182,8 +182,10 @@ def _quantize(src, dst, opts, given):
         size = os.path.getsize(dst)
     src_size = os.path.getsize(src) if os.path.isfile(src) else None
     q = after.manifest["quantized"]
-    if validation is not None and size is not None:
-        validation["bytes_after"] = size  # the file as written (ggml views hold dequantized values)
+    if validation is not None:  # tensor bytes on both sides, gate passed or not (a ggml view holds dequantized
+        # values: its quantized tensors count their stored bytes); the files' sizes are file_bytes_*
+        validation["bytes_after"] = (validation["bytes_before"] - q["quantized_bytes_before"]
+                                     + q["quantized_bytes_after"])
     report = {
         "command": "quantize", "src": src, "dst": dst, "written": passed, "version": spec.version,
         "config": cfg.to_dict(),
