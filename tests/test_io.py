@@ -222,3 +222,29 @@ def test_json_of_millions_of_tiny_objects_is_refused_early(tmp_path, tiny_models
         (p / "config.json").write_text(_json.dumps({**cfg, "junk": [{} for _ in range(MAX_JSON_OBJECTS + 1)]}))
     with pytest.raises(FormatError, match="more than 200,000 objects"):
         read_checkpoint(str(p))
+
+
+@pytest.mark.parametrize("form", ["lowrank", "int8", "recursive", "merged"])
+def test_pth_keeps_the_manifest_of_a_transformed_checkpoint(tmp_path, tiny_models, form):
+    """.pth stored the manifest only for the RNN form: a low-rank, int8/int4 or recursive checkpoint
+    lost its history and summaries (inspect: 'not written by rwkvtools'); a dense result (merged)
+    stays a plain RWKV-LM file, as ChatRWKV loads it."""
+    from rwkvtools.io.pth import MANIFEST_KEY
+    from rwkvtools.transforms.lowrank import LowRankConfig, lowrank
+    from rwkvtools.transforms.quantize import QuantizeConfig, quantize
+    from rwkvtools.transforms.recursive import RecursiveConfig, recursive
+    ck = tiny_models["7"]
+    t = {"lowrank": lambda: lowrank(ck, LowRankConfig(rank=0.5, method="svd")),
+         "merged": lambda: lowrank(ck, LowRankConfig(rank=0.5, method="svd", merge=True)),
+         "int8": lambda: quantize(ck, QuantizeConfig("int8")),
+         "recursive": lambda: recursive(ck, RecursiveConfig(blocks=1))}[form]()
+    p = tmp_path / "t.pth"
+    write_pth(t, str(p))
+    raw = torch.load(str(p), weights_only=True)
+    back = read_checkpoint(str(p))
+    if form == "merged":
+        assert MANIFEST_KEY not in raw
+    else:
+        assert back.history == t.history and back.history[-1]["transform"] == t.history[-1]["transform"]
+        key = {"int8": "quantized"}.get(form, form)
+        assert back.manifest[key] == t.manifest[key]

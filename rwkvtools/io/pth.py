@@ -87,11 +87,15 @@ def _own(t: torch.Tensor) -> torch.Tensor:
 
 def write_pth(ckpt: Checkpoint, path: str) -> None:
     """Write exactly the tensors (keys, shapes, dtypes) as RWKV-LM saves them: a flat dict in
-    the checkpoint's order. An RNN-form checkpoint also stores its manifest (see MANIFEST_KEY).
+    the checkpoint's order. An RNN-form, low-rank, int8/int4 or recursive checkpoint also stores its
+    manifest (see MANIFEST_KEY).
     torch.save needs every tensor at once: tensors of a memory-mapped source are written from
     the map, others are materialised (one copy of the model at most)."""
     sd = {k: _own(ckpt.tensors[k]) for k in ckpt.tensors}
-    if ckpt.form != "parallel":
+    # the manifest goes in where the file is no plain RWKV-LM checkpoint anyway (RNN form, low-rank,
+    # int8/int4, recursive: what RWKV-LM and ChatRWKV cannot load as they are): kept, not dropped
+    if ckpt.form != "parallel" or any(k.endswith((".weight_u", ".weight_int8", ".weight_int4")) or k == "shared.map"
+                                      for k in ckpt.tensors):
         blob = json.dumps(ckpt.manifest, sort_keys=True).encode("utf-8")
         sd[MANIFEST_KEY] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     with atomic_path(path) as tmp:
