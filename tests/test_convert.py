@@ -994,3 +994,14 @@ def test_rwkvcpp_output_keeps_an_fp16_model_fp16(tmp_path):
     r = CliRunner().invoke(main, ["convert", str(fixture_path("tiny-rwkv-7v0-834K-Q5_1.bin")), str(tmp_path / "q.bin"),
                                   "--no-validate", "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["dtype"] == "FP32", r.output
+
+
+@pytest.mark.parametrize("dtype,name", [("bf16", "bfloat16"), ("fp16", "float16"), (None, "float32")])
+def test_hf_config_torch_dtype_is_the_matrices_dtype(tmp_path, dtype, name):
+    """torch_dtype followed the most common dtype by tensor count, i.e. the fp32 vectors: a bf16
+    or fp16 model's config said float32."""
+    dst = tmp_path / "hf"
+    args = ["convert", str(fixture_path("tiny-rwkv-7v0-834K.pth")), str(dst), "--no-validate"]
+    r = CliRunner().invoke(main, args + (["--dtype", dtype] if dtype else []))
+    assert r.exit_code == 0, r.output
+    assert json.loads((dst / "config.json").read_text())["torch_dtype"] == name

@@ -41,7 +41,7 @@ def _writable_format(dst: str, merged: bool) -> str:
                    "its layers; lower = the first K layers.")
 @click.option("--lora-rank", default="0", show_default=True,
               help="Per-layer LoRA rank of every shared matrix (capped at min(out, in)); 0 = pure recursive; "
-                   "'full' reproduces the original exactly.")
+                   "'full' reproduces the original (up to float rounding).")
 @click.option("--lora-method", type=click.Choice(["svd", "whiten"]), default="svd", show_default=True,
               help="svd: truncated SVD of W_layer - W_shared; whiten: truncated in the layer's activation-whitened "
                    "space (calibration text).")

@@ -972,7 +972,7 @@ def read_gguf(path: str) -> Checkpoint:
     manifest["source_format"] = {"format": "gguf", "gguf_version": g.version, "architecture": arch,
                                  "file_type": plain("general.file_type"), "tensor_types": types,
                                  "tokenizer": plain("tokenizer.ggml.model"), "name": plain("general.name"),
-                                 "rescale_every_n_layers": R}
+                                 **({"rescale_every_n_layers": R} if arch == "rwkv6" else {})}  # rwkv7 has no such key
     names = list(plan)
     ck = Checkpoint(LazyTensors(names, lambda k: plan[k][1](), {k: plan[k][0] for k in names}), manifest, source=path)
     spec = detect(ck.tensors, ck.manifest)  # validates the result (raises a SpecError naming the problem)

@@ -174,7 +174,7 @@ def write_hf(ckpt: Checkpoint, path: str, progress: bool | None = None) -> None:
         s = tuple(tensor_shape(t, k))
         shapes[hk] = (s[1], s[0]) if how == "T" else ((int(torch.tensor(s).prod()),) if how == "squeeze" else s)
         dtypes[hk] = tensor_dtype(t, k)
-    config = _config(spec, family, dtypes)
+    config = _config(spec, family, {hk: dtypes[hk] for hk in names if len(shapes[hk]) == 2})  # the matrices' dtype
     out = Checkpoint(LazyTensors(names, load, shapes, dtypes), ckpt.manifest, ckpt.source)
     with atomic_dir(path) as tmp:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
@@ -185,6 +185,7 @@ def write_hf(ckpt: Checkpoint, path: str, progress: bool | None = None) -> None:
 
 
 def _config(spec, family: str, dtypes: dict) -> dict:
+    """config.json; ``dtypes``: the matrices' dtypes (torch_dtype is theirs, vectors stay fp32)."""
     big = [d for d in dtypes.values() if d in (torch.float16, torch.bfloat16, torch.float32)]
     dt = max(set(big), key=big.count) if big else torch.float32
     common = {"architectures": [ARCHITECTURES[family]], "model_type": family, "vocab_size": spec.vocab,
