@@ -288,3 +288,28 @@ def test_bad_calls_are_clear_value_errors(tiny_models, version):
         with torch.no_grad():
             logits, _ = model(toks, model.init_state(1))
         assert logits.shape == (1, 2, vocab)
+
+
+def test_build_model_names_a_tensor_of_the_wrong_shape_or_an_unknown_one(tmp_path):
+    """eval (build_model) did not check shapes: a short ffn.key in layer 1 ended in 'internal error
+    (RuntimeError: mat1 and mat2 shapes cannot be multiplied)'; an unknown key was accepted (convert
+    refused both). The layout check runs where every model is built."""
+    from click.testing import CliRunner
+    from rwkvtools.checkpoint import Checkpoint
+    from rwkvtools.cli import main
+    from rwkvtools.errors import RwkvToolsError
+    from rwkvtools.io.writers import write_checkpoint
+    from rwkvtools.random_init import random_checkpoint
+    ck = random_checkpoint("7", n_layer=2, n_embd=32, vocab=256, head_size=16, seed=1)
+    short = Checkpoint({**ck.tensors, "blocks.1.ffn.key.weight": torch.zeros(64, 32)}, ck.manifest)
+    extra = Checkpoint({**ck.tensors, "foo.bar": torch.zeros(3)}, ck.manifest)
+    with pytest.raises(RwkvToolsError, match=r"'blocks.1.ffn.key.weight' has shape \(64, 32\)"):
+        build_model(short)
+    with pytest.raises(RwkvToolsError, match="'foo.bar' is not a tensor of the RWKV 7 layout"):
+        build_model(extra)
+    p = tmp_path / "short.safetensors"
+    write_checkpoint(short, str(p))
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 20)
+    r = CliRunner().invoke(main, ["eval", str(p), "--text", str(text), "--max-tokens", "16"])
+    assert r.exit_code == 2 and "blocks.1.ffn.key.weight" in r.output and "internal error" not in r.output, r.output
