@@ -246,6 +246,10 @@ def detect(tensors: Mapping, manifest: dict | None = None) -> ModelSpec:
 
 
 def _check_heads(spec: ModelSpec) -> None:
+    empty = [f"{k} {v}" for k, v in (("layers", spec.n_layer), ("n_embd", spec.n_embd), ("vocab", spec.vocab),
+                                     ("ffn", spec.ffn_dim), ("head size", spec.head_size)) if not v]
+    if empty:  # a model without one of its dimensions computes nothing
+        raise SpecError(f"v{spec.version}: {', '.join(empty)}: an empty model, not a checkpoint rwkvtools reads")
     if spec.major >= 5 and spec.n_head * spec.head_size != spec.dim_att:
         raise SpecError(f"v{spec.version}: {spec.n_head} heads x head size {spec.head_size} != attention dim {spec.dim_att}")
 

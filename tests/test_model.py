@@ -313,3 +313,19 @@ def test_build_model_names_a_tensor_of_the_wrong_shape_or_an_unknown_one(tmp_pat
     text.write_text("hello world " * 20)
     r = CliRunner().invoke(main, ["eval", str(p), "--text", str(text), "--max-tokens", "16"])
     assert r.exit_code == 2 and "blocks.1.ffn.key.weight" in r.output and "internal error" not in r.output, r.output
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_an_empty_dimension_is_refused(version):
+    """vocab 0 (or n_embd 0) passed detection: convert to .bin was an internal error (memoryview
+    cast), eval a ValueError, quantize a ZeroDivisionError, and safetensors output wrote a
+    vocab-0 model."""
+    from rwkvtools.errors import SpecError
+    from rwkvtools.random_init import random_checkpoint
+    from rwkvtools.spec import detect
+    ck = random_checkpoint(version, n_layer=1, n_embd=32, vocab=64, head_size=16, seed=1)
+    t = dict(ck.tensors)
+    t["emb.weight"], t["head.weight"] = t["emb.weight"][:0], t["head.weight"][:0]
+    with pytest.raises(SpecError, match="vocab 0: an empty model"):
+        detect(t)
+    assert detect(ck.tensors).vocab == 64
