@@ -81,10 +81,22 @@ class Tokenizer:
         return ids
 
 
+MAX_TEXT_BYTES = 1 << 30  # a text is tokenized whole: a device or an endless pipe must not fill the memory
+
+
 def read_text(path: str) -> str:
+    import stat
     try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise RwkvToolsError(f"{path}: is a folder; give a text file")
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            raise RwkvToolsError(f"{path}: is a device, not a text file")
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(MAX_TEXT_BYTES + 1)
+        if len(data) > MAX_TEXT_BYTES:
+            raise RwkvToolsError(f"{path}: longer than {MAX_TEXT_BYTES >> 30} GiB; give an excerpt (the text is "
+                                 "tokenized whole before --max-tokens/--calib-tokens take their share)")
     except FileNotFoundError:
         raise RwkvToolsError(f"{path}: no such text file") from None
     except OSError as e:

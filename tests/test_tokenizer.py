@@ -75,3 +75,24 @@ def test_neox_from_file(tmp_path):
     p = tmp_path / "tok.json"
     tok.save(str(p))
     assert Tokenizer("neox", 50277, tokenizer_file=str(p)).encode("ab a b") == [2, 0, 1]
+
+
+def test_read_text_refuses_a_device_and_an_endless_text(tmp_path, monkeypatch):
+    """--text /dev/zero read until memory ran out (3.5 GB, then a misleading 'out of memory; try
+    a smaller --chunk-len'): the text is tokenized whole, so devices are refused and a text
+    longer than MAX_TEXT_BYTES is an error, read no further than that."""
+    import os
+    import rwkvtools.tokenizer as T
+    from rwkvtools.errors import RwkvToolsError
+    if os.path.exists("/dev/zero"):
+        with pytest.raises(RwkvToolsError, match="is a device"):
+            T.read_text("/dev/zero")
+    with pytest.raises(RwkvToolsError, match="is a folder"):
+        T.read_text(str(tmp_path))
+    p = tmp_path / "t.txt"
+    p.write_text("x" * 101)
+    monkeypatch.setattr(T, "MAX_TEXT_BYTES", 100)
+    with pytest.raises(RwkvToolsError, match="give an excerpt"):
+        T.read_text(str(p))
+    p.write_text("x" * 100)
+    assert T.read_text(str(p)) == "x" * 100
