@@ -248,3 +248,23 @@ def test_pth_keeps_the_manifest_of_a_transformed_checkpoint(tmp_path, tiny_model
         assert back.history == t.history and back.history[-1]["transform"] == t.history[-1]["transform"]
         key = {"int8": "quantized"}.get(form, form)
         assert back.manifest[key] == t.manifest[key]
+
+
+def test_an_unreadable_file_inside_a_model_folder_is_a_clear_error(tmp_path, tiny_models, monkeypatch):
+    """A Hugging Face folder whose model.safetensors cannot be opened (permissions) was an
+    'internal error (PermissionError ...)' in inspect, convert and eval. (Running as root, the
+    denial is simulated where the reader opens the file.)"""
+    import builtins
+    from rwkvtools.io.writers import write_checkpoint
+    hf = tmp_path / "hf"
+    write_checkpoint(tiny_models["7"], str(hf))
+    weights = str(hf / "model.safetensors")
+    real_open = builtins.open
+
+    def denying_open(file, *a, **kw):
+        if str(file) == weights:
+            raise PermissionError(13, "Permission denied", weights)
+        return real_open(file, *a, **kw)
+    monkeypatch.setattr(builtins, "open", denying_open)
+    with pytest.raises(RwkvToolsError, match=r"model.safetensors: cannot read \(Permission denied\)"):
+        read_checkpoint(str(hf))

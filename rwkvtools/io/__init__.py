@@ -65,6 +65,13 @@ def _check_path(path: str, fmt: str) -> None:
 
 
 def read_checkpoint(path: str, format: str | None = None) -> Checkpoint:
+    try:
+        return _read(path, format)
+    except OSError as e:  # a file the reader opens (a Hugging Face folder's weights, ...) unreadable
+        raise RwkvToolsError(f"{e.filename or path}: cannot read ({e.strerror or e})") from None
+
+
+def _read(path: str, format: str | None) -> Checkpoint:
     if format:
         _check_path(path, format)
     fmt = format or sniff(path)
