@@ -268,3 +268,22 @@ def test_an_unreadable_file_inside_a_model_folder_is_a_clear_error(tmp_path, tin
     monkeypatch.setattr(builtins, "open", denying_open)
     with pytest.raises(RwkvToolsError, match=r"model.safetensors: cannot read \(Permission denied\)"):
         read_checkpoint(str(hf))
+
+
+def test_names_that_are_not_utf8_are_refused_up_front(tmp_path, tiny_models):
+    """A non-UTF-8 file name: torch/safetensors/onnxruntime failed with their own errors (a
+    UnicodeEncodeError, a pybind signature dump), and convert --no-validate wrote a file rwkvtools
+    then could not read. Refused before any work, input or output."""
+    import os
+    import shutil
+    from rwkvtools.transforms.convert import convert
+    good = tmp_path / "m.pth"
+    write_pth(tiny_models["7"], str(good))
+    bad = os.path.join(str(tmp_path), os.fsdecode(b"a\xff.pth"))
+    shutil.copy(good, bad)
+    with pytest.raises(RwkvToolsError, match="not valid UTF-8"):
+        read_checkpoint(bad)
+    out = os.path.join(str(tmp_path), os.fsdecode(b"z\xff.safetensors"))
+    with pytest.raises(RwkvToolsError, match="not valid UTF-8"):
+        convert(str(good), out)
+    assert not os.path.exists(out)

@@ -43,6 +43,8 @@ class OnnxModel:
                  session_config: dict | None = None):
         """``session_config``: onnxruntime session config entries, e.g.
         {"session.qdq_matmulnbits_accuracy_level": "1"} (fp32 compute in fused int8/int4 matmuls)."""
+        from ..io.paths import check_name
+        check_name(path)
         try:
             import onnxruntime as ort
         except ImportError as e:  # pragma: no cover

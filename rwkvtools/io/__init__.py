@@ -72,6 +72,8 @@ def read_checkpoint(path: str, format: str | None = None) -> Checkpoint:
 
 
 def _read(path: str, format: str | None) -> Checkpoint:
+    from .paths import check_name
+    check_name(path)
     if format:
         _check_path(path, format)
     fmt = format or sniff(path)

@@ -57,6 +57,18 @@ def clash(out: str, inp: str, label: str = "", out_is_folder: bool = False) -> s
     return None
 
 
+def check_name(path) -> None:
+    """A path whose name is not UTF-8 (bytes the file system gave Python as surrogate escapes):
+    the safetensors, ONNX and torch libraries cannot open or write it; refused up front."""
+    if path is None:
+        return
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RwkvToolsError(f"{os.fsencode(str(path))!r}: the name is not valid UTF-8; rename the file "
+                             "(the model libraries cannot open such names)") from None
+
+
 def check_place(path: str, what: str) -> None:
     """``path`` is not empty, and the nearest existing folder above it is a folder (not a file)
     in which a file can be created (tried: permission bits say nothing to root, nor about
@@ -86,6 +98,8 @@ def output_guard(src: str | None, dst: str, force: bool, inputs: dict | None = N
     ``fmt``: DST's format (default: from its name)."""
     if not str(dst).strip():
         raise RwkvToolsError("DST is an empty path; give a file or folder name")
+    for p in (src, dst, report, *(inputs or {}).values()):
+        check_name(p)
     if fmt is None:
         from .writers import format_from_path
         fmt = format_from_path(dst)
