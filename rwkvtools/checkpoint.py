@@ -139,6 +139,9 @@ def parse_manifest(text, where: str) -> dict[str, Any]:
     if not isinstance(m, dict):
         raise FormatError(f"{where}: the stored manifest is not a JSON object")
     history = m.get("history", [])
+    if m.get("form", "parallel") not in ("parallel", "rnn"):
+        raise FormatError(f"{where}: the stored manifest is damaged ('form' is {m.get('form')!r}; rwkvtools "
+                          "writes 'parallel' or 'rnn')")
     if (not isinstance(m.get("form", ""), str) or not isinstance(history, list)
             or not isinstance(m.get("notes", []), list)
             or not all(isinstance(h, dict) and isinstance(h.get("options", {}), dict) for h in history)):

@@ -249,8 +249,13 @@ def _init(out, version, layers, dim, vocab, head_size, ffn_dim, seed, init_kind,
     from .io.writers import write_checkpoint
     from .random_init import random_checkpoint
     output_guard(None, out, force)
+    from .io.writers import format_from_path
+    fmt = format_from_path(out)
+    if fmt == "rwkvcpp" and dtype == "bf16":  # as convert: not silently written FP32
+        raise UserError("rwkv.cpp files have no bf16 type; use --dtype fp32 or fp16")
     ck = random_checkpoint(version, layers, dim, vocab, head_size, ffn_dim, seed, init_kind, _dtype(dtype))
-    fmt = write_checkpoint(ck, out)
+    opts = {"data_type": "FP16"} if fmt == "rwkvcpp" and dtype == "fp16" else {}
+    fmt = write_checkpoint(ck, out, **opts)
     n = ck.num_params()
     click.echo(f"wrote {out} ({fmt}): RWKV v{version}, {layers} layers, dim {dim}, vocab {vocab}, {n:,} parameters")
 

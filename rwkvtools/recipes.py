@@ -285,6 +285,9 @@ def load_recipe(path: str) -> Recipe:
     model = raw.get("model")
     if model is not None and not isinstance(model, str):
         raise RecipeError(f"{path}: 'model' must be a path")
+    for key in ("name", "description"):
+        if raw.get(key) is not None and not isinstance(raw[key], (str, int, float)) or isinstance(raw.get(key), bool):
+            raise RecipeError(f"{path}: '{key}' must be text, got {type(raw[key]).__name__}")
     return Recipe(path, str(raw.get("name") or os.path.splitext(os.path.basename(path))[0]),
                   str(raw.get("description") or ""), expand(model, base) if model else None, ev, overall, steps, raw)
 

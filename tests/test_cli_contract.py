@@ -625,3 +625,23 @@ def test_dst_that_is_a_linked_file_of_an_input_folder_is_refused(tmp_path, link,
     assert r.exit_code == 2 and "is the input file" in r.output, r.output
     assert blob.read_bytes() == before
     assert read_checkpoint(str(hf)).num_params() > 0
+
+
+def test_small_refusals_the_audit_found(tmp_path):
+    """--report '' was ignored (an empty DST is refused); init --dtype bf16 to .bin wrote FP32
+    without a word (convert refuses bf16 for rwkv.cpp); a failed convert left the folders it made
+    for DST behind."""
+    src = str(tmp_path / "m.safetensors")
+    write_checkpoint(random_checkpoint("7", n_layer=1, n_embd=32, vocab=256, head_size=16, seed=1), src)
+    r = CliRunner().invoke(main, ["quantize", src, str(tmp_path / "q.safetensors"), "--scheme", "int8", "--report", "",
+                                  "--no-validate"])
+    assert r.exit_code == 2 and "--report is an empty path" in r.output, r.output
+    r = CliRunner().invoke(main, ["init", str(tmp_path / "i.bin"), "--version", "7", "--layers", "1", "--dim", "32",
+                                  "--vocab", "64", "--head-size", "16", "--dtype", "bf16"])
+    assert r.exit_code == 2 and "no bf16 type" in r.output and not (tmp_path / "i.bin").exists(), r.output
+    r = CliRunner().invoke(main, ["init", str(tmp_path / "h.bin"), "--version", "7", "--layers", "1", "--dim", "32",
+                                  "--vocab", "64", "--head-size", "16", "--dtype", "fp16"])
+    assert r.exit_code == 0 and read_checkpoint(str(tmp_path / "h.bin")).manifest["source_format"]["data_type"] == "FP16"
+    r = CliRunner().invoke(main, ["convert", src, str(tmp_path / "new" / "sub" / "o.safetensors"),
+                                  "--max-ppl-increase", "-1", "--eval-tokens", "64"])
+    assert r.exit_code == 1 and not (tmp_path / "new").exists(), r.output

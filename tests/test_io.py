@@ -287,3 +287,34 @@ def test_names_that_are_not_utf8_are_refused_up_front(tmp_path, tiny_models):
     with pytest.raises(RwkvToolsError, match="not valid UTF-8"):
         convert(str(good), out)
     assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.complex64])
+def test_a_weight_that_is_not_floating_point_is_refused(tiny_models, dtype):
+    """A uint32/complex weight was read as numbers (ppl 302 vs 56) or cast with torch's warning."""
+    from rwkvtools.checkpoint import Checkpoint
+    from rwkvtools.model import build_model
+    ck = tiny_models["7"]
+    bad = Checkpoint({**ck.tensors, "blocks.0.ffn.key.weight": ck.tensors["blocks.0.ffn.key.weight"].to(dtype)},
+                     ck.manifest)
+    with pytest.raises(RwkvToolsError, match="blocks.0.ffn.key.weight' is .*RWKV weights are floating point"):
+        build_model(bad)
+
+
+def test_rwkvcpp_header_that_disagrees_with_the_tensors_is_refused(tmp_path):
+    from conftest import fixture_path
+    raw = bytearray(open(fixture_path("tiny-rwkv-5v2-730K-FP32.bin"), "rb").read())
+    struct.pack_into("<3i", raw, 8, 128, 64, 3)  # n_vocab, n_embed, n_layer
+    p = tmp_path / "h.bin"
+    p.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match=r"n_vocab = 128 \(the tensors: 256\).*n_layer = 3 \(the tensors: 12\)"):
+        read_checkpoint(str(p))
+
+
+def test_a_manifest_of_an_unknown_form_is_refused(tmp_path, tiny_models):
+    """form 'zzz' was carried into every output ('safetensors (zzz) -> safetensors (zzz)')."""
+    ck = tiny_models["7"]
+    p = tmp_path / "f.safetensors"
+    write_safetensors(ck.with_tensors(ck.tensors, form="zzz"), str(p))
+    with pytest.raises(FormatError, match="'form' is 'zzz'"):
+        read_checkpoint(str(p))

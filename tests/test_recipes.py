@@ -621,3 +621,12 @@ def test_run_refuses_an_out_folder_that_holds_an_input(tmp_path, name):
     p = write(tmp_path, base(eval={"text": str(text), "tokens": 64}))
     r = runner.invoke(main, ["recipe", "run", p, "--out", str(out)])
     assert r.exit_code == 2 and "(eval text)" in r.output, r.output
+
+
+def test_name_and_description_are_text(tmp_path):
+    """A list as the name showed up in report.md as its Python repr."""
+    with pytest.raises(RecipeError, match="'name' must be text, got list"):
+        load_recipe(write(tmp_path, base(name=["a", "b"])))
+    with pytest.raises(RecipeError, match="'description' must be text, got dict"):
+        load_recipe(write(tmp_path, base(description={"a": 1})))
+    assert load_recipe(write(tmp_path, base(name="n", description="d"))).name == "n"

@@ -17,11 +17,28 @@ def _umask() -> int:
     return m
 
 
+def _make_parents(folder: str) -> list[str]:
+    """os.makedirs(folder); returns the folders it created, deepest first (removed again, when
+    empty, by _remove_made after a failure: a failed write leaves no trace)."""
+    made, d = [], folder
+    while d and not os.path.exists(d):
+        made.append(d)
+        d = os.path.dirname(d)
+    os.makedirs(folder, exist_ok=True)
+    return made
+
+
+def _remove_made(made: list[str]) -> None:
+    for d in made:
+        with contextlib.suppress(OSError):
+            os.rmdir(d)  # only while empty
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yields a temporary path in the target's folder; renames it onto ``path`` on success."""
     d = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(d, exist_ok=True)
+    made = _make_parents(d)
     fd, tmp = tempfile.mkstemp(prefix=".rwkvtools-", suffix=".tmp", dir=d)
     os.close(fd)
     try:
@@ -31,6 +48,7 @@ def atomic_path(path: str):
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        _remove_made(made)
         raise
 
 
@@ -38,7 +56,7 @@ def atomic_path(path: str):
 def atomic_dir(path: str):
     """Like atomic_path for a folder (HF layouts): build in a temp folder, rename at the end."""
     parent = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(parent, exist_ok=True)
+    made = _make_parents(parent)
     tmp = tempfile.mkdtemp(prefix=".rwkvtools-", dir=parent)
     try:
         yield tmp
@@ -46,6 +64,7 @@ def atomic_dir(path: str):
         publish(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_made(made)
         raise
 
 
@@ -58,8 +77,9 @@ def staged_output(path: str, companions: tuple[str, ...] = ()):
     weights), renamed first; an old one the new output does not have is removed with the old
     output it belonged to; all put back as they were if the main rename fails."""
     parent = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(parent, exist_ok=True)
+    made = _make_parents(parent)
     tmp = tempfile.mkdtemp(prefix=".rwkvtools-", dir=parent)
+    ok = False
     try:
         staged = os.path.join(tmp, os.path.basename(os.path.abspath(path)))
         yield staged
@@ -82,8 +102,11 @@ def staged_output(path: str, companions: tuple[str, ...] = ()):
                 if old:
                     os.replace(old, p)
             raise
+        ok = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not ok:
+            _remove_made(made)
 
 
 def publish(tmp: str, path: str) -> None:

@@ -413,4 +413,4 @@ def _check_config(ck: Checkpoint, config: dict, family: str, path: str) -> None:
     for key, val in (("hidden_size", spec.n_embd), ("num_hidden_layers", spec.n_layer), ("vocab_size", spec.vocab)):
         got = config.get(key)
         if got is not None and got != val:
-            raise FormatError(f"{path}: config.json {key} = {got}, but the tensors say {val}")
+            raise FormatError(f"{path}: config.json {key} = {got!r}, but the tensors say {val!r}")

@@ -98,6 +98,8 @@ def output_guard(src: str | None, dst: str, force: bool, inputs: dict | None = N
     ``fmt``: DST's format (default: from its name)."""
     if not str(dst).strip():
         raise RwkvToolsError("DST is an empty path; give a file or folder name")
+    if report is not None and not str(report).strip():  # given, but empty: refused like an empty DST
+        raise RwkvToolsError("--report is an empty path; give a file name")
     for p in (src, dst, report, *(inputs or {}).values()):
         check_name(p)
     if fmt is None:

@@ -173,7 +173,14 @@ def read_rwkvcpp(path: str, raw: bool = False) -> Checkpoint:
                              "back to the stored decay (exact for rewriting; near decay 1 not unique)"]
     names = list(plan)
     shapes = {k: plan[k][1] for k in names}
-    return Checkpoint(LazyTensors(names, lambda k: plan[k][0](src), shapes), manifest, source=path)
+    ck = Checkpoint(LazyTensors(names, lambda k: plan[k][0](src), shapes), manifest, source=path)
+    from ..spec import detect
+    spec = detect(ck.tensors)
+    said = {"n_vocab": spec.vocab, "n_embed": spec.n_embd, "n_layer": spec.n_layer}
+    wrong = [f"{k} = {header[k]} (the tensors: {v})" for k, v in said.items() if header[k] != v]
+    if wrong:  # rwkv.cpp sizes its model by the header: a file whose header disagrees does not load there
+        raise FormatError(f"{path}: the header says {', '.join(wrong)}; a damaged or hand-edited file")
+    return ck
 
 
 def _inverse_plan(version: str, recs: dict[str, Record], header: dict, path: str) -> dict:

@@ -83,6 +83,10 @@ def check_layout(ckpt: Checkpoint) -> None:
         if ref in lay:
             want, _ = lay[ref]
             have = tuple(tensor_shape(t, k))
+            dt = tensor_dtype(t, k)
+            if not dt.is_floating_point:  # an integer or complex weight is no RWKV weight (read as garbage)
+                problems.append(f"'{k}' is {str(dt).replace('torch.', '')}; RWKV weights are floating point")
+                continue
             if not want:
                 continue
             vec = sum(1 for d in want if d > 1) <= 1
