@@ -359,7 +359,8 @@ def _step_refusal(kind: str, opts: dict, forms: set[str]) -> str | None:
             return None if "recursive" in forms else "recursive --merge expands a recursive checkpoint, and its input is not one"
         if "recursive" in forms:
             return "its input is already recursive"
-        if forms & {"quantized", "lowrank"}:
+        shares = set(str(_option(opts, "share", "att,ffn")).split(","))
+        if forms & {"quantized", "lowrank"} and shares & {"att", "ffn"}:  # the shared matrices must be dense
             return f"recursive ties dense matrices, and its input is {_form_words(forms & {'quantized', 'lowrank'})}"
     if kind == "quantize":
         if forms & {"quantized", "recursive"}:

@@ -528,6 +528,7 @@ CHAIN_STEPS = [  # (kind, options) as a recipe writes them
     ("convert", {"format": "hf"}), ("convert", {"to": "rnn"}),
     ("lowrank", {"rank": 0.5, "method": "svd"}),
     ("recursive", {"blocks": 1, "lora-rank": 2}), ("recursive", {"merge": True}),
+    ("recursive", {"blocks": 1, "share": "norm"}),
     ("quantize", {"scheme": "int8"}), ("quantize", {"scheme": "Q5_1"}), ("quantize", {"scheme": "Q4_K"}),
     ("heal", {"tokens": 64, "seq-len": 16, "batch-size": 1}),
     ("heal", {"tokens": 64, "seq-len": 16, "batch-size": 1, "train": "all"}),
