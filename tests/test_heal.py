@@ -197,3 +197,19 @@ def test_cli_output_the_healed_model_cannot_go_to_is_refused_before_training(tmp
                                   "--seq-len", "16", "--no-validate"])
     assert r.exit_code == 2 and "error:" in r.output and match in r.output, r.output
     assert sorted(os.listdir(tmp_path)) == ["s.safetensors", "t.safetensors"]
+
+
+@pytest.mark.parametrize("form", ["rnn", "int8"])
+def test_students_heal_cannot_give_back_bit_for_bit_are_refused(form):
+    """An RNN-form student was healed and written in the parallel form (every tensor changed
+    shape or value, the promise 'every other tensor is SRC's, bit for bit' broken); an int8/int4
+    student got two errors pointing at each other ('--train all' / 'choose other groups')."""
+    from rwkvtools.transforms.lowrank import LowRankConfig, lowrank
+    from rwkvtools.transforms.quantize import QuantizeConfig, quantize
+    from rwkvtools.transforms.rnn_form import to_rnn
+    teacher = _ck()
+    student = lowrank(teacher, LowRankConfig(rank=0.5, method="svd"))
+    student = to_rnn(student, 0) if form == "rnn" else quantize(teacher, QuantizeConfig("int8"))
+    cfg = HealConfig(tokens=32, seq_len=16, batch_size=1, train=("all",) if form == "int8" else ("auto",))
+    with pytest.raises(HealError, match="RNN form; heal trains the parallel" if form == "rnn" else "int8/int4"):
+        heal(student, teacher, _toks(64), cfg)
