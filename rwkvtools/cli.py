@@ -172,7 +172,9 @@ def _encoding(ctx, param, value):
 @click.option("--chunk-len", type=int, default=1024, show_default=True, help="Tokens per forward call.")
 @click.option("--device", default="cpu", show_default=True, metavar="auto|cpu|cuda[:N]",
               callback=_device, help="Where the model runs (auto = CUDA when there is one).")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Compute dtype (default: fp32; an .onnx file runs in the dtype it was exported in, and "
+                   "another --dtype is refused).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on long texts in a terminal).")
 def eval_cmd(model, text, tokenizer, tokenizer_file, encoding, max_tokens, chunk_len, device, dtype, as_json, progress):
@@ -202,7 +204,8 @@ def _eval(model, text, tokenizer, tokenizer_file, encoding, max_tokens, chunk_le
     from .evaluate import evaluate_file
     check_eval_options(model, {"max_tokens": max_tokens, "chunk_len": chunk_len})
     res = evaluate_file(model, text, tokenizer=tokenizer, tokenizer_file=tokenizer_file, encoding=encoding,
-                        max_tokens=max_tokens, chunk_len=chunk_len, device=device, dtype=_dtype(dtype),
+                        max_tokens=max_tokens, chunk_len=chunk_len, device=device,
+                        dtype=_dtype(dtype) if dtype else None,
                         progress=progress)
     if as_json:
         emit_json(res)

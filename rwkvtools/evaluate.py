@@ -10,7 +10,9 @@ from .tokenizer import Tokenizer, read_text
 
 def evaluate_file(model_path: str, text_path: str, tokenizer: str = "auto", tokenizer_file: str | None = None,
                   encoding: str = "utf-8", max_tokens: int | None = None, chunk_len: int = 1024,
-                  device: str = "cpu", dtype=torch.float32, progress=None) -> dict:
+                  device: str = "cpu", dtype=None, progress=None) -> dict:
+    """``dtype``: None = the model's own (float32 for a checkpoint, the export's for an .onnx file);
+    another dtype than an .onnx file's is refused."""
     text = read_text(text_path)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RwkvToolsError("--device cuda: no CUDA device is available (use --device cpu)")
@@ -26,14 +28,15 @@ def evaluate_file(model_path: str, text_path: str, tokenizer: str = "auto", toke
         model = OnnxModel(model_path, providers=providers)
         vocab = model.vocab
         stored = "float16" if model.meta.get("dtype") == "fp16" else "float32"
-        asked = str(dtype).replace("torch.", "")
-        if asked not in ("float32", stored):
+        asked = str(dtype).replace("torch.", "") if dtype is not None else stored
+        if asked != stored:
             raise RwkvToolsError(f"--dtype {asked}: an ONNX file runs in the dtype it was exported in "
                                  f"({model.meta.get('dtype')}); export it again with export-onnx --dtype")
         dtype = getattr(torch, stored)
         device = "cuda" if model.providers[0].startswith("CUDA") else "cpu"
     else:
         from .model import load
+        dtype = dtype or torch.float32
         model = load(model_path, device=device, dtype=dtype)
         vocab = model.spec.vocab
     tok = Tokenizer(tokenizer, vocab, tokenizer_file, encoding)

@@ -920,3 +920,18 @@ def test_onnx_model_bad_calls_are_clear_value_errors(tmp_path, tiny_models):
             om(tokens, state)
     logits, _ = om(torch.tensor([[1, om.vocab - 1]], dtype=torch.int32))
     assert tuple(logits.shape) == (1, 2, om.vocab)
+
+
+def test_eval_of_an_fp16_export_refuses_another_dtype_given(tmp_path):
+    """`eval h.onnx --dtype fp32` on an fp16 export ran in fp16 (exit 0; the report said float16):
+    an explicit fp32 could not be told from the default. Without --dtype the export's own runs."""
+    from rwkvtools.random_init import random_checkpoint
+    ck = random_checkpoint("7", n_layer=1, n_embd=32, vocab=256, head_size=16, seed=1)
+    out = tmp_path / "h.onnx"
+    export(ck, out, mode="step", dtype="fp16", validate=False)
+    txt = tmp_path / "t.txt"
+    txt.write_text("hello world, " * 20)
+    res = run("eval", out, "--text", txt, "--max-tokens", 16, "--dtype", "fp32")
+    assert res.exit_code == 2 and "runs in the dtype it was exported in (fp16)" in res.output, res.output
+    res = run("eval", out, "--text", txt, "--max-tokens", 16, "--json")
+    assert res.exit_code == 0 and json.loads(res.output)["dtype"] == "float16", res.output
