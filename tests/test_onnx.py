@@ -935,3 +935,20 @@ def test_eval_of_an_fp16_export_refuses_another_dtype_given(tmp_path):
     assert res.exit_code == 2 and "runs in the dtype it was exported in (fp16)" in res.output, res.output
     res = run("eval", out, "--text", txt, "--max-tokens", 16, "--json")
     assert res.exit_code == 0 and json.loads(res.output)["dtype"] == "float16", res.output
+
+
+@pytest.mark.parametrize("mode", ["step", "sequence"])
+def test_onnx_model_takes_a_batch_of_zero_like_the_reference(tmp_path, mode):
+    """A sequence graph failed in onnxruntime ('cannot be reshaped') on batch 0, where the
+    reference model and the step graph return logits of shape (0, T, vocab)."""
+    from rwkvtools.export.onnx_eval import OnnxModel
+    from rwkvtools.model import build_model
+    from rwkvtools.random_init import random_checkpoint
+    ck = random_checkpoint("7", n_layer=1, n_embd=32, vocab=64, head_size=16, seed=1)
+    out = tmp_path / "m.onnx"
+    export(ck, out, mode=mode, validate=False)
+    empty = torch.zeros((0, 5), dtype=torch.long)
+    ref_logits, _ = build_model(ck)(empty)
+    logits, state = OnnxModel(str(out))(empty)
+    assert tuple(logits.shape) == tuple(ref_logits.shape) == (0, 5, 64)
+    assert state and all(v.numel() == 0 for v in state.values())  # no sequence, no state

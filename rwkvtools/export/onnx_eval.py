@@ -196,6 +196,10 @@ class OnnxModel:
                                                     for n, shp in self.states})
         T = toks.shape[1]
         state = state if state is not None else self.init_state(B)
+        if B == 0:  # no sequences: nothing to run (a sequence graph's reshapes cannot take batch 0)
+            steps = T if self.logits_mode == "all" else 1
+            dt = torch.float16 if self.meta.get("dtype") == "fp16" else torch.float32
+            return torch.zeros(0, steps, self.vocab, dtype=dt), state
         arr = toks.cpu().numpy().astype(np.int64)
         if self.mode == "step":
             outs = []
