@@ -142,6 +142,17 @@ class Emitter:
                                              name=name + (".T" if transpose else ""))
         return self._cache[key]
 
+    def derived(self, sources, name: str, make, dtype=None) -> str:
+        """An initializer computed from the tensors ``sources`` (``make()`` returns it): stored once
+        for the same sources, as ``weight`` stores a tensor once (a recursive model's layers that
+        share their LoRA matrices share the stacked/concatenated forms too)."""
+        key = ("derived", name.rsplit(".", 1)[-1], np.dtype(dtype or self.act).str,
+               tuple((s.data_ptr(), tuple(s.shape), tuple(s.stride()), str(s.dtype)) for s in sources))
+        if key not in self._cache:
+            self._keep.extend(sources)
+            self._cache[key] = self.weight(make(), name, dtype=dtype)
+        return self._cache[key]
+
     def p(self, t: torch.Tensor, name: str, shape=None, fp32: bool = False) -> str:
         """A parameter in its own dtype (fp32 when asked, e.g. decays), optionally reshaped."""
         dtype = np.float32 if (fp32 or t.dtype == torch.float32) else np.float16
@@ -632,8 +643,9 @@ def _v7_branches_step(em: Emitter, att, xx, d, n: str, i: int):
     1 / (1 + exp(z)) is their sigmoid. Returns r/k/v inputs, log decay, a, gate, v mix (or None)."""
     g = em.g
     C = em.spec.n_embd
-    mu = torch.stack([getattr(att, f"x_{c}").reshape(C) for c in "rkvwag"]).float()
-    X = em.add(xx, em.mul(d, em.weight(mu, n + "x_rkvwag")))                 # (B, 6, C)
+    mix = [getattr(att, f"x_{c}") for c in "rkvwag"]
+    mu = em.derived(mix, n + "x_rkvwag", lambda: torch.stack([m.reshape(C) for m in mix]).float())
+    X = em.add(xx, em.mul(d, mu))                                             # (B, 6, C)
     xr, xk, xv, *_ = g.split(X, [1] * 6, 1)
     names = (["v"] if i > 0 else []) + ["w", "a", "g"]
     first = {c: getattr(att, f"{c}1").float() for c in names}
@@ -655,9 +667,13 @@ def _v7_branches_step(em: Emitter, att, xx, d, n: str, i: int):
             w2.append(-second[c])
             b2.append(-bias[c].float().reshape(C))
     Xl = g.slice(X, [6 - R], [6], [1])                                        # (B, R, C): rows v?, w, a, g
-    h = g.op("MatMul", Xl, em.weight(torch.cat(w1, 1), n + "lora1"))          # (B, R, D)
+    src1 = [getattr(att, f"{c}1") for c in names]  # the stored tensors these are made of: shared ones
+    src2 = [getattr(att, f"{c}2") for c in names]   # give one initializer
+    src_b = [second["g"]] + [bias[c] for c in names if c != "g"]
+    h = g.op("MatMul", Xl, em.derived(src1, n + "lora1", lambda: torch.cat(w1, 1)))  # (B, R, D)
     h = em.add(em.mul(g.op("Tanh", h), g.const(tanh_mask)), em.mul(h, g.const(lin_mask)))
-    z = em.add(g.op("MatMul", h, em.weight(torch.cat(w2, 0), n + "lora2")), em.weight(torch.stack(b2), n + "lora_bias"))
+    z = em.add(g.op("MatMul", h, em.derived(src2, n + "lora2", lambda: torch.cat(w2, 0))),
+               em.derived(src_b, n + "lora_bias", lambda: torch.stack(b2)))
     sig = g.split(g.op("Reciprocal", em.add(g.op("Exp", z), g.const(1.0))), [1] * R, 1)
     gate = g.slice(z, [R - 1], [R], [1])
     mixv = sig[0] if i > 0 else None
