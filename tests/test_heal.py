@@ -213,3 +213,15 @@ def test_students_heal_cannot_give_back_bit_for_bit_are_refused(form):
     cfg = HealConfig(tokens=32, seq_len=16, batch_size=1, train=("all",) if form == "int8" else ("auto",))
     with pytest.raises(HealError, match="RNN form; heal trains the parallel" if form == "rnn" else "int8/int4"):
         heal(student, teacher, _toks(64), cfg)
+
+
+def test_held_out_kl_is_the_plain_kl_whatever_the_training_temperature():
+    """With --temperature 2 the reported 'held-out KL to the teacher' was T^2 x KL at T (0.2524
+    against a plain KL of 0.1975): a figure of the training setting, not of the model."""
+    teacher = _ck()
+    student = recursive(teacher, RecursiveConfig(blocks=2, lora_rank=2))
+    ev = _toks(64, seed=5)
+    plain = evaluate_pair(build_model(student), build_model(teacher), ev)["kl"]
+    _, rep = heal(student, teacher, _toks(32), HealConfig(tokens=16, seq_len=16, batch_size=1, temperature=2.0),
+                  eval_tokens=ev)
+    assert rep["kl_before"] == pytest.approx(plain, rel=1e-6)

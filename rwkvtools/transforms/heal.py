@@ -296,7 +296,8 @@ def heal(student: Checkpoint, teacher: Checkpoint, train_tokens, config: HealCon
     tmodel = build_model(teacher, device=dev, dtype=torch.float32)
     n_train = sum(p.numel() for p in params)
 
-    before = evaluate_pair(model, tmodel, eval_tokens, cfg.eval_chunk, cfg.temperature) if eval_tokens is not None else None
+    # the held-out KL is the plain one (temperature 1): a measure of the model, not of --temperature
+    before = evaluate_pair(model, tmodel, eval_tokens, cfg.eval_chunk) if eval_tokens is not None else None
 
     steps = max(1, math.ceil(cfg.tokens / (B * T)))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -344,7 +345,7 @@ def heal(student: Checkpoint, teacher: Checkpoint, train_tokens, config: HealCon
     model.eval()
     for p in params:
         p.requires_grad_(False)
-    after = evaluate_pair(model, tmodel, eval_tokens, cfg.eval_chunk, cfg.temperature) if eval_tokens is not None else None
+    after = evaluate_pair(model, tmodel, eval_tokens, cfg.eval_chunk) if eval_tokens is not None else None
 
     # write back exactly the trained tensors, in the student's dtypes
     new = dict(raw.items()) if isinstance(raw, dict) else {k: raw[k] for k in raw}
