@@ -285,8 +285,8 @@ def load_recipe(path: str) -> Recipe:
     model = raw.get("model")
     if model is not None and not isinstance(model, str):
         raise RecipeError(f"{path}: 'model' must be a path")
-    for key in ("name", "description"):
-        if raw.get(key) is not None and not isinstance(raw[key], (str, int, float)) or isinstance(raw.get(key), bool):
+    for key in ("name", "description"):  # any scalar YAML reads (a date, yes/no) is text here; not a list or mapping
+        if isinstance(raw.get(key), (list, dict)):
             raise RecipeError(f"{path}: '{key}' must be text, got {type(raw[key]).__name__}")
     return Recipe(path, str(raw.get("name") or os.path.splitext(os.path.basename(path))[0]),
                   str(raw.get("description") or ""), expand(model, base) if model else None, ev, overall, steps, raw)
@@ -351,17 +351,13 @@ def _step_refusal(kind: str, opts: dict, forms: set[str]) -> str | None:
     ext = _out_ext(kind, opts, "")
     if "onnx" in forms:
         return None if kind == "eval" else "its input is an .onnx file, which only eval reads"
+    # only what the command refuses whatever the details (which linears a lowrank targeted, which
+    # groups a recursive shared): a step the table lets through may still be refused when it runs
     merge = bool(_option(opts, "merge"))
-    if kind == "lowrank" and forms & {"quantized", "recursive"}:
-        return f"lowrank reads dense (or factored) linears, and its input is {_form_words(forms & {'quantized', 'recursive'})}"
-    if kind == "recursive":
-        if merge:
-            return None if "recursive" in forms else "recursive --merge expands a recursive checkpoint, and its input is not one"
-        if "recursive" in forms:
-            return "its input is already recursive"
-        shares = set(str(_option(opts, "share", "att,ffn")).split(","))
-        if forms & {"quantized", "lowrank"} and shares & {"att", "ffn"}:  # the shared matrices must be dense
-            return f"recursive ties dense matrices, and its input is {_form_words(forms & {'quantized', 'lowrank'})}"
+    if kind == "lowrank" and "quantized" in forms:
+        return "lowrank reads dense (or factored) linears, and its input is quantized"
+    if kind == "recursive" and "recursive" in forms and not merge:
+        return "its input is already recursive (--merge expands it)"
     if kind == "quantize":
         if forms & {"quantized", "recursive"}:
             return f"quantize needs a dense model, and its input is {_form_words(forms & {'quantized', 'recursive'})}"

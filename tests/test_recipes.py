@@ -521,6 +521,7 @@ CHAIN_FORMS = {  # a model of each form, made by the commands themselves from a 
     "quantized": [["quantize", "--scheme", "int8"]],
     "lowrank": [["lowrank", "--rank", "0.5", "--method", "svd"]],
     "recursive": [["recursive", "--blocks", "1", "--lora-rank", "2"]],
+    "recursive-norms": [["recursive", "--blocks", "1", "--share", "norm"]],  # matrices stay per layer, dense
     "onnx": [["export-onnx"]],
 }
 CHAIN_STEPS = [  # (kind, options) as a recipe writes them
@@ -528,7 +529,8 @@ CHAIN_STEPS = [  # (kind, options) as a recipe writes them
     ("convert", {"format": "hf"}), ("convert", {"to": "rnn"}),
     ("lowrank", {"rank": 0.5, "method": "svd"}),
     ("recursive", {"blocks": 1, "lora-rank": 2}), ("recursive", {"merge": True}),
-    ("recursive", {"blocks": 1, "share": "norm"}),
+    ("recursive", {"blocks": 1, "share": "norm"}), ("recursive", {"blocks": 1, "merge": True}),
+    ("recursive", {"blocks": 1, "share": "att"}),
     ("quantize", {"scheme": "int8"}), ("quantize", {"scheme": "Q5_1"}), ("quantize", {"scheme": "Q4_K"}),
     ("heal", {"tokens": 64, "seq-len": 16, "batch-size": 1}),
     ("heal", {"tokens": 64, "seq-len": 16, "batch-size": 1, "train": "all"}),
@@ -558,10 +560,12 @@ def test_chain_rules_are_what_the_commands_do(chain_models, form, tmp_path):
     """recipe check's table of which step reads which stage (recipes._step_refusal) and what a
     step writes (_forms_after) against the commands themselves: every step of CHAIN_STEPS run,
     through the command line a recipe run builds, on a model of every form. A refusal the table
-    predicts must be the command's (exit code 1-2 with an 'error'), and a step it lets through must run."""
+    predicts must be the command's (never refuse what runs: a recipe check that refused lowrank ->
+    recursive --share att, which runs, was a regression); the table may let through what the
+    command refuses on details it does not track (the command says so when the step runs)."""
     from rwkvtools import recipes as R
     src = chain_models[form]
-    assert R._forms_of_file(src) == (set() if form == "dense" else {form})
+    assert R._forms_of_file(src) == {"dense": set(), "recursive-norms": {"recursive"}}.get(form, {form})
     wrong = []
     for i, (kind, opts) in enumerate(CHAIN_STEPS):
         cmd = R._command(kind)
@@ -574,8 +578,9 @@ def test_chain_rules_are_what_the_commands_do(chain_models, form, tmp_path):
         why = R._step_refusal(kind, opts, R._forms_of_file(src))
         if why is None:
             if r.exit_code != 0:
-                wrong.append(f"{form} -> {kind} {opts}: the table lets it through, the command says {r.output}")
-            elif kind != "eval" and R._forms_of_file(dst) != R._forms_after(kind, opts, R._forms_of_file(src)):
+                assert "Traceback" not in r.output and "internal error" not in r.output, r.output
+                continue
+            if kind != "eval" and R._forms_of_file(dst) != R._forms_after(kind, opts, R._forms_of_file(src)):
                 wrong.append(f"{form} -> {kind} {opts}: wrote {R._forms_of_file(dst)}, the table says "
                              f"{R._forms_after(kind, opts, R._forms_of_file(src))}")
         elif r.exit_code == 0 or "Traceback" in r.output or os.path.exists(dst):
@@ -614,7 +619,7 @@ def test_run_refuses_an_out_folder_that_holds_an_input(tmp_path, name):
     before = model.read_bytes()
     p = write(tmp_path, base(model=str(model)))
     r = runner.invoke(main, ["recipe", "run", p, "--out", str(out)])
-    assert r.exit_code == 2 and "is a folder that holds the input" in r.output and "(source model)" in r.output, r.output
+    assert r.exit_code == 2 and "is the folder of the input" in r.output and "(source model)" in r.output, r.output
     assert model.read_bytes() == before and sorted(x.name for x in out.iterdir()) == [name]
     # an evaluation text (or calibration text) inside --out likewise
     text = out / "t.txt"
@@ -631,3 +636,8 @@ def test_name_and_description_are_text(tmp_path):
     with pytest.raises(RecipeError, match="'description' must be text, got dict"):
         load_recipe(write(tmp_path, base(description={"a": 1})))
     assert load_recipe(write(tmp_path, base(name="n", description="d"))).name == "n"
+    p = tmp_path / "d.yaml"  # scalars YAML reads as a date or a boolean are text here
+    doc = base()
+    doc.pop("name")
+    p.write_text(yaml.safe_dump(doc) + "name: 2024-05-01\n")
+    assert load_recipe(str(p)).name == "2024-05-01"

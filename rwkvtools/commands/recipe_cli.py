@@ -114,8 +114,10 @@ def _guard(r, model, out_dir, summary) -> None:
         raise UserError(str(e)) from None
     from ..recipes import input_files
     inputs = [(label, p) for label, p in [("recipe", r.path), *input_files(r, model)] if os.path.exists(p)]
-    for label, p in inputs:  # the run writes and removes stage files and reports in --out
-        why = clash(out_dir, p, label, out_is_folder=True)
+    for label, p in inputs:  # the run writes and removes stage files and reports directly in --out
+        why = clash(out_dir, p, label)
+        if not why and os.path.realpath(os.path.dirname(os.path.abspath(p))) == os.path.realpath(out_dir):
+            why = f"{out_dir} is the folder of the input {p} ({label})"
         if why:
             raise UserError(f"--out {why}; give another folder (the run writes and replaces files there)")
     for label, p in inputs:
