@@ -87,6 +87,20 @@ def default_manifest() -> dict[str, Any]:
     return {"format_version": MANIFEST_FORMAT_VERSION, "form": "parallel", "history": []}
 
 
+# the stored forms a transform leaves in a checkpoint's tensor names (no manifest needed)
+_FORM_SUFFIXES = {"quantized": (".weight_int8", ".weight_int4"), "lowrank": (".weight_u",)}
+
+
+def stored_forms(names) -> set[str]:
+    """Which of 'quantized' (int8/int4 linears), 'lowrank' (factored linears) and 'recursive'
+    (layers sharing blocks: 'shared.map') the tensor ``names`` hold; empty for a dense model."""
+    names = list(names)
+    forms = {f for f, suffixes in _FORM_SUFFIXES.items() if any(k.endswith(suffixes) for k in names)}
+    if "shared.map" in names:
+        forms.add("recursive")
+    return forms
+
+
 # JSON that rwkvtools reads from files (safetensors headers, manifests, config.json, ONNX
 # metadata) holds a few thousand objects at most; a file of millions of tiny ones ('[{},{},...]')
 # would take gigabytes as Python objects before any check could look at it

@@ -326,19 +326,11 @@ def check_inputs(recipe: Recipe, model: str | None = None) -> None:
 # read by eval only), 'quantized' (int8/int4 linears in .safetensors/.pth), 'lowrank' (factored
 # linears), 'recursive' (layers sharing blocks). A GGUF or rwkv.cpp file reads back dense.
 def _forms_of_file(path: str) -> set[str]:
+    from .checkpoint import stored_forms
     from .io import is_onnx_file, read_checkpoint
-    from .spec import SHARED_MAP
     if is_onnx_file(path):
         return {"onnx"}
-    names = list(read_checkpoint(path).tensors)
-    forms = set()
-    if any(k.endswith((".weight_int8", ".weight_int4")) for k in names):
-        forms.add("quantized")
-    if any(k.endswith(".weight_u") for k in names):
-        forms.add("lowrank")
-    if SHARED_MAP in names:
-        forms.add("recursive")
-    return forms
+    return stored_forms(read_checkpoint(path).tensors)
 
 
 def _option(opts: dict, name: str, default=None):

@@ -15,7 +15,7 @@ import zipfile
 
 import torch
 
-from ..checkpoint import Checkpoint, default_manifest, parse_manifest
+from ..checkpoint import Checkpoint, default_manifest, parse_manifest, stored_forms
 from ..errors import FormatError, UnsafeFileError
 from .atomic import atomic_path
 
@@ -94,8 +94,7 @@ def write_pth(ckpt: Checkpoint, path: str) -> None:
     sd = {k: _own(ckpt.tensors[k]) for k in ckpt.tensors}
     # the manifest goes in where the file is no plain RWKV-LM checkpoint anyway (RNN form, low-rank,
     # int8/int4, recursive: what RWKV-LM and ChatRWKV cannot load as they are): kept, not dropped
-    if ckpt.form != "parallel" or any(k.endswith((".weight_u", ".weight_int8", ".weight_int4")) or k == "shared.map"
-                                      for k in ckpt.tensors):
+    if ckpt.form != "parallel" or stored_forms(ckpt.tensors):
         blob = json.dumps(ckpt.manifest, sort_keys=True).encode("utf-8")
         sd[MANIFEST_KEY] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     with atomic_path(path) as tmp:

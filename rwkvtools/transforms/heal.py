@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, stored_forms
 from ..errors import RwkvToolsError
 from ..progress import progress_bar
 
@@ -261,10 +261,9 @@ def heal(student: Checkpoint, teacher: Checkpoint, train_tokens, config: HealCon
     if student.form == "rnn":  # healed in the parallel form, it could not give back SRC's other tensors bit for bit
         raise HealError("the student is in the RNN form; heal trains the parallel (training) form: convert it "
                         "first (rwkvtools convert SRC PARALLEL.safetensors --to parallel) and heal that")
-    quantized = sorted(k for k in student.tensors if k.endswith((".weight_int8", ".weight_int4")))
-    if quantized:
-        raise HealError(f"the student's linears are int8/int4 ({quantized[0]}, ...): heal trains float tensors; "
-                        "heal the float model, then quantize it")
+    if "quantized" in stored_forms(student.tensors):
+        raise HealError("the student's linears are int8/int4: heal trains float tensors; heal the float model, "
+                        "then quantize it")
     src = _raw_parallel(student)
     s_spec = detect(_view(src).tensors, src.manifest)
     t_view = _raw_parallel(teacher)
