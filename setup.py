@@ -29,5 +29,5 @@ setup(
         "test": ["pytest>=7", "rwkv==0.8.32", "transformers>=4.40"],
         "gpu": ["ninja"],
     },
-    entry_points={"console_scripts": ["rwkvtools=rwkvtools.cli:main"]},
+    entry_points={"console_scripts": ["rwkvtools=rwkvtools.entry:main"]},
 )

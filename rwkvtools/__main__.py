@@ -1,5 +1,5 @@
 """`python -m rwkvtools ...`: the same command as `rwkvtools ...`."""
-from rwkvtools.cli import main
+from rwkvtools.entry import main
 
 if __name__ == "__main__":
-    main(prog_name="rwkvtools")
+    main()

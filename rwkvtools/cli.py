@@ -2,6 +2,7 @@
 inside the commands; user errors become one clear message and exit code 2 (gates: exit 1)."""
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -19,6 +20,17 @@ class UserError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+class Stopped(click.ClickException):
+    """The run was stopped by a signal; exit code 128 + the signal's number, as a shell reports it."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.exit_code = code
+
+    def show(self, file=None):
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
 class GateFailed(click.ClickException):
     exit_code = 1
 
@@ -31,7 +43,7 @@ def handle_errors(fn):
     note (the traceback only with RWKVTOOLS_DEBUG=1)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .errors import GateError, RwkvToolsError
+        from .errors import GateError, RwkvToolsError, Terminated
         try:
             return fn(*args, **kwargs)
         except click.ClickException:
@@ -40,16 +52,44 @@ def handle_errors(fn):
             raise GateFailed(str(e)) from None
         except RwkvToolsError as e:
             raise UserError(str(e)) from None
+        except Terminated as e:  # SIGTERM / SIGHUP (rwkvtools.entry): the outputs are already removed
+            import signal
+            raise Stopped(f"stopped by {signal.Signals(e.signum).name} (an output not finished was removed)",
+                          128 + e.signum) from None
         except KeyboardInterrupt:
             raise click.Abort() from None
         except MemoryError:
             raise UserError("out of memory; try a smaller --chunk-len or a machine with more memory") from None
+        except OSError as e:
+            if e.errno not in _RESOURCE_ERRNOS:
+                raise_internal(e)
+            where = f" ({e.filename})" if e.filename else ""
+            raise UserError(f"cannot write{where}: {e.strerror or e} (free disk space, or raise the file-size "
+                            "limit); an output not finished was removed") from None
+        except RuntimeError as e:
+            if _writer_ran_out(e):
+                raise UserError("cannot write the output: the file system refused more data (disk full or a "
+                                "file-size limit); an output not finished was removed") from None
+            raise_internal(e)
         except Exception as e:
-            if os.environ.get("RWKVTOOLS_DEBUG") == "1":
-                traceback.print_exc()
-            raise UserError(f"internal error ({type(e).__name__}: {e}); please report it "
-                            "(set RWKVTOOLS_DEBUG=1 for the traceback)") from None
+            raise_internal(e)
     return wrapper
+
+
+def raise_internal(e: Exception):
+    if os.environ.get("RWKVTOOLS_DEBUG") == "1":
+        traceback.print_exception(e)
+    raise UserError(f"internal error ({type(e).__name__}: {e}); please report it "
+                    "(set RWKVTOOLS_DEBUG=1 for the traceback)") from None
+
+
+_RESOURCE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
+
+
+def _writer_ran_out(e: RuntimeError) -> bool:
+    """torch.save's zip writer reports a failed write (ENOSPC, EFBIG) as a RuntimeError of its own."""
+    m = str(e)
+    return "PytorchStreamWriter" in m or ("inline_container" in m and "unexpected pos" in m)
 
 
 class FiniteFloat(click.ParamType):

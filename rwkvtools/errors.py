@@ -22,3 +22,12 @@ class GateError(RwkvToolsError):
     """A validation gate failed (the report is still written)."""
 
     exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was asked to stop by a signal (SIGTERM, SIGHUP): raised where the program is,
+    like Ctrl-C, so every temporary output is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -439,12 +439,15 @@ def _invoke(args: list[str]) -> tuple[int, str, str]:
     """Run the rwkvtools command with these arguments in this process; (exit code, stdout, stderr)."""
     import click
 
-    from .cli import main
+    from .cli import Stopped, main
+    from .errors import Terminated
     out, err = io.StringIO(), io.StringIO()
     code = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             main.main(args=args, prog_name="rwkvtools", standalone_mode=False)
+        except Stopped as e:  # SIGTERM in the stage stops the whole recipe too
+            raise Terminated(e.exit_code - 128) from None
         except click.ClickException as e:
             e.show()
             code = e.exit_code

@@ -645,3 +645,238 @@ def test_small_refusals_the_audit_found(tmp_path):
     r = CliRunner().invoke(main, ["convert", src, str(tmp_path / "new" / "sub" / "o.safetensors"),
                                   "--max-ppl-increase", "-1", "--eval-tokens", "64"])
     assert r.exit_code == 1 and not (tmp_path / "new").exists(), r.output
+
+
+# --------------------------------------------------- session 11: the write-path audit's findings
+REPORTING = [c for c in WITH_INPUT]  # every command with an input has --report
+
+
+@pytest.mark.parametrize("case", REPORTING)
+def test_existing_report_needs_force(ws, case):
+    """An existing --report was replaced without --force (only DST was checked)."""
+    dst, report = ws / CASES[case][2], ws / "keep.json"
+    report.write_text('{"precious": 1}')
+    before = snapshot(ws)
+    res = invoke(args_for(case, ws, dst, "--report", report, *no_validate(case)))
+    assert_user_error(res, "--report", "exists; pass --force")
+    assert snapshot(ws) == before
+    res = invoke(args_for(case, ws, dst, "--report", report, "--force", *no_validate(case)))
+    assert res.exit_code == 0, res.output
+    assert json.loads(report.read_text())["dst"] if "onnx" not in case else json.loads(report.read_text())["output"]
+
+
+@pytest.mark.parametrize("case,what", [(c, w) for c in CASES if c not in FOLDER_OUT for w in ("DST", "--report")
+                                       if not (w == "--report" and CASES[c][0] == "init")])  # init: no --report
+def test_file_output_with_a_trailing_slash_is_refused_first(ws, monkeypatch, case, what):
+    """`out.pth/` ran the whole transform, then failed at the rename ('internal error', with the
+    temporary name); a --report 'r.json/' failed after DST was published (exit 2, DST left)."""
+    dst = ws / CASES[case][2]
+    extra = []
+    if what == "DST":
+        dst = str(dst) + "/"
+    else:
+        extra = ["--report", str(ws / "r.json") + "/"]
+    monkeypatch.setattr(TRANSFORM[CASES[case][0]], lambda *a, **k: pytest.fail("the transform ran"))
+    before = snapshot(ws)
+    res = invoke(args_for(case, ws, dst, *extra, *no_validate(case)))
+    assert_user_error(res, "ends with '/'")
+    assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize("case,what", [("init-safetensors", "DST")] + [
+    (c, w) for c in ("convert-hf", "lowrank-safetensors", "quantize-int8-safetensors", "export-onnx")
+    for w in ("DST", "--report")])
+def test_output_under_a_broken_symlink_is_refused_first(ws, monkeypatch, case, what):
+    """A folder of DST (or --report) that is a symbolic link to nothing passed the checks; the
+    run failed at the end (FileExistsError from makedirs, an internal error) and a --report
+    there left DST behind."""
+    (ws / "dl").symlink_to(ws / "nowhere")
+    dst, extra = ws / CASES[case][2], []
+    if what == "DST":
+        dst = ws / "dl" / CASES[case][2]
+    else:
+        extra = ["--report", ws / "dl" / "r.json"]
+    monkeypatch.setattr(TRANSFORM[CASES[case][0]], lambda *a, **k: pytest.fail("the transform ran"))
+    before = snapshot(ws)
+    res = invoke(args_for(case, ws, dst, *extra, *no_validate(case)))
+    assert_user_error(res, "broken symbolic link")
+    assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize("case", REPORTING)
+def test_report_that_cannot_be_written_leaves_no_dst(ws, monkeypatch, case):
+    """lowrank, recursive, quantize and heal published DST and then wrote --report: a report
+    that failed (disk full) or an interruption in between left DST with exit 2. DST and its
+    report are published together now; a full disk is a user error, not an internal one."""
+    import errno
+    dst, report = ws / CASES[case][2], ws / "r.json"
+    placeholder(dst, case in FOLDER_OUT)
+    before = snapshot(ws)
+
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr("rwkvtools.io.atomic.write_json", full)
+    res = invoke(args_for(case, ws, dst, "--report", report, "--force", *no_validate(case)))
+    assert_user_error(res, "No space left on device", "an output not finished was removed")
+    assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize("where", ["transform", "rename"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_sigterm_leaves_nothing(ws, monkeypatch, case, where):
+    """SIGTERM (the entry point raises Terminated where the program is, as Ctrl-C raises
+    KeyboardInterrupt) removes the unfinished output and exits 128 + 15 with one line."""
+    import signal
+
+    from rwkvtools.errors import Terminated
+    dst = ws / CASES[case][2]
+    placeholder(dst, case in FOLDER_OUT)
+    before = snapshot(ws)
+
+    def stop(*a, **k):
+        raise Terminated(signal.SIGTERM)
+    if where == "transform":
+        monkeypatch.setattr(TRANSFORM[CASES[case][0]], stop)
+        res = invoke(args_for(case, ws, dst, "--force", *no_validate(case)))
+    else:
+        with failing_rename(monkeypatch, dst, Terminated(signal.SIGTERM)) as seen:
+            res = invoke(args_for(case, ws, dst, "--force", *no_validate(case)))
+        assert seen and seen[0][1]
+    assert res.exit_code == 143, res.output
+    assert res.output.strip().startswith("error: stopped by SIGTERM") and "Traceback" not in res.output, res.output
+    assert snapshot(ws) == before
+
+
+def test_recipe_run_stops_on_sigterm(ws, tmp_path, monkeypatch):
+    """A stage's SIGTERM was turned into that stage's exit code (143) like a failed command: it
+    must stop the whole recipe (no later stage, no report), exit 143."""
+    import signal
+
+    from rwkvtools.errors import Terminated
+    steps = [{"convert": {"no-validate": True}}, {"quantize": {"scheme": "int8", "no-validate": True}},
+             {"convert": {"no-validate": True}}]
+    r = _recipe(tmp_path / "r.yaml", ws / "src.safetensors", steps)
+
+    def stop(*a, **k):
+        raise Terminated(signal.SIGTERM)
+    monkeypatch.setattr("rwkvtools.transforms.quantize.apply", stop)
+    out = tmp_path / "out"
+    res = invoke(["recipe", "run", r, "--out", out])
+    assert res.exit_code == 143 and "stopped by SIGTERM" in res.output, res.output
+    assert sorted(os.listdir(out)) == ["01-convert.json", "01-convert.report.json", "01-convert.safetensors"]
+
+
+@pytest.mark.parametrize("where", ["the report", "a stage file", "a new file in --out"])
+def test_recipe_summary_inside_out_is_refused_first(ws, tmp_path, where):
+    """--summary on a file the run writes in --out was appended to: report.json stopped being
+    JSON, a stage model stopped being readable."""
+    r = _recipe(tmp_path / "r.yaml", ws / "src.safetensors", [{"quantize": {"scheme": "int8", "no-validate": True}}])
+    out = tmp_path / "out"
+    res = invoke(["recipe", "run", r, "--out", out])
+    assert res.exit_code == 0, res.output
+    before = snapshot(out)
+    name = {"the report": "report.json", "a stage file": "01-quantize.safetensors"}.get(where, "sum.md")
+    res = invoke(["recipe", "run", r, "--out", out, "--summary", out / name])
+    assert_user_error(res, "is inside --out")
+    assert snapshot(out) == before
+
+
+def test_recipe_summary_that_cannot_be_appended_to_is_refused_first(ws, tmp_path, monkeypatch):
+    """An existing --summary the user may not write was found only after every stage had run
+    (an internal PermissionError)."""
+    import builtins
+    summary = tmp_path / "sum.md"
+    summary.write_text("# earlier runs\n")
+    real_open = builtins.open
+
+    def guarded(file, mode="r", *a, **k):
+        if os.fspath(file) == str(summary) and any(c in mode for c in "wa+"):
+            raise PermissionError(13, "Permission denied", str(summary))
+        return real_open(file, mode, *a, **k)
+    monkeypatch.setattr(builtins, "open", guarded)
+    monkeypatch.setattr("rwkvtools.transforms.quantize.apply", lambda *a, **k: pytest.fail("a stage ran"))
+    r = _recipe(tmp_path / "r.yaml", ws / "src.safetensors", [{"quantize": {"scheme": "int8", "no-validate": True}}])
+    res = invoke(["recipe", "run", r, "--out", tmp_path / "out", "--summary", summary])
+    assert_user_error(res, "cannot append to it", "Permission denied")
+    assert not (tmp_path / "out").exists() and summary.read_text() == "# earlier runs\n"
+
+
+DRIVER = '''
+import importlib.abc, os, sys, time
+marker, when = sys.argv[1], sys.argv[2]
+sys.argv = ["rwkvtools"] + sys.argv[3:]
+
+def hold():
+    open(marker, "w").close()   # the test sends its signal now
+    time.sleep(120)
+
+if when == "publish":   # the output complete in its temporary place, the rename held back
+    import rwkvtools.io.atomic as atomic
+    real = atomic.publish
+    def slow(tmp, path):
+        hold()
+        real(tmp, path)
+    atomic.publish = slow
+else:                   # start-up: while the command modules are imported
+    class Slow(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "rwkvtools.commands.convert_cli":
+                sys.meta_path.remove(self)
+                hold()
+            return None
+    sys.meta_path.insert(0, Slow())
+from rwkvtools.entry import main
+main()
+'''
+
+
+def _run_and_signal(tmp_path, when, sig, args):
+    import signal
+    import subprocess
+    import sys
+    import time
+    driver, marker = tmp_path / "driver.py", tmp_path / "marker"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.Popen([sys.executable, str(driver), str(marker), when, *map(str, args)], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    t0 = time.time()
+    while not marker.exists() and p.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.01)
+    assert marker.exists(), f"the driver never reached '{when}': {p.communicate()}"
+    p.send_signal(getattr(signal, sig))
+    out, err = p.communicate(timeout=120)
+    return p.returncode, out, err
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["new", "forced"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_signal_to_the_command_at_the_rename_leaves_nothing(tmp_path, sig, forced):
+    """A real `rwkvtools` process (rwkvtools.entry) stopped while its output is complete but not
+    yet renamed: SIGTERM/SIGHUP left the temporary file (no handler: the process died on the
+    spot); now every signal removes it, keeps an existing DST, and says so in one line."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    if forced:
+        (ws / "out.safetensors").write_bytes(b"keep me")
+    rc, out, err = _run_and_signal(tmp_path, "publish", sig,
+                                   ["init", ws / "out.safetensors", *INIT, *(["--force"] if forced else [])])
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    if sig == "SIGINT":
+        assert rc == 1 and "Aborted" in err, (rc, err)
+    else:
+        import signal
+        assert rc == 128 + getattr(signal, sig) and f"error: stopped by {sig}" in err, (rc, err)
+    assert sorted(os.listdir(ws)) == (["out.safetensors"] if forced else [])
+    if forced:
+        assert (ws / "out.safetensors").read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_during_start_up_prints_no_traceback(tmp_path, sig):
+    """Ctrl-C while the command modules were being imported (torch: a second or two) printed a
+    KeyboardInterrupt traceback: the entry point handles it before the command exists."""
+    import signal
+    rc, out, err = _run_and_signal(tmp_path, "start-up", sig, ["--version"])
+    assert "Traceback" not in err and "Aborted" in err and sig in err, err
+    assert rc == 128 + getattr(signal, sig) and out == ""

@@ -149,6 +149,24 @@ def check_device(device: str) -> str:
     raise UserError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
 
 
+def publish(dst: str, passed: bool, write, describe, title: str, opts: dict) -> None:
+    """DST and its --report, published together. ``write(path)`` writes the output (only when the
+    gate passed) under a staged name beside DST; ``describe(path)`` (the staged output, or None
+    when nothing was written) returns (report, summary lines). The report is written, then DST is
+    renamed onto its path: an error, a failed gate or an interruption anywhere before leaves no
+    DST (an existing one as it was), never a DST whose report is missing. A failed gate prints the
+    summary and exits 1 (the report written, DST not)."""
+    from ..io.atomic import staged_output
+    with staged_output(dst) as staged:
+        if passed:
+            write(staged)
+        report, lines = describe(staged if passed else None)
+        if not passed:
+            print_summary(title, report, opts["as_json"], lines)
+        finish(report, opts)  # a failed gate raises here, before DST is renamed
+    print_summary(title, report, opts["as_json"], lines)
+
+
 def finish(report: dict, opts: dict) -> None:
     """Write the report, then fail with exit 1 if a gate failed (report already written)."""
     write_report(report, opts.get("report"))

@@ -8,7 +8,7 @@ import time
 import click
 
 from ..cli import FINITE_FLOAT, UserError, handle_errors, main
-from .common import finish, given_options, option_check, output_guard, print_summary, run_validation, validation_options
+from .common import given_options, option_check, output_guard, publish, run_validation, validation_options
 
 
 @main.command()
@@ -100,8 +100,14 @@ def _lowrank(src, dst, opts, given=frozenset()):
 
     validation = run_validation(before, after, opts)
     passed = validation is None or validation.get("passed", True)
-    if passed:
-        write_checkpoint(after, dst)
+
+    def describe(_staged):
+        return _lowrank_report(src, dst, opts, passed, spec, cfg, calib, plan, before, after, t_transform, validation)
+
+    publish(dst, passed, lambda path: write_checkpoint(after, path), describe, f"lowrank {src} -> {dst}", opts)
+
+
+def _lowrank_report(src, dst, opts, passed, spec, cfg, calib, plan, before, after, t_transform, validation):
     report = {
         "command": "lowrank", "src": src, "dst": dst, "written": passed, "version": spec.version,
         "config": cfg.to_dict(),
@@ -126,5 +132,4 @@ def _lowrank(src, dst, opts, given=frozenset()):
              f"kept energy mean {plan['kept_energy_mean']:.4f}, min {plan['kept_energy_min']:.4f} "
              f"({'whitened' if cfg.method == 'whiten' else 'weight'} spectrum); {t_transform:.1f} s",
              f"{'wrote ' + dst if passed else 'NOT written (gate failed): ' + dst}"]
-    print_summary(f"lowrank {src} -> {dst}", report, opts["as_json"], lines)
-    finish(report, opts)
+    return report, lines

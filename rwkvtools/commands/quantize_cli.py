@@ -10,8 +10,7 @@ import time
 import click
 
 from ..cli import FINITE_FLOAT, UserError, handle_errors, main
-from .common import (finish, given_options, option_check, output_guard, print_summary, run_validation,
-                     validation_options)
+from .common import given_options, option_check, output_guard, publish, run_validation, validation_options
 
 SCHEME_CHOICES = ["int8", "int4", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 
@@ -154,8 +153,7 @@ def _quantize(src, dst, opts, given):
     output_guard(src, dst, opts["force"], {"--calib": opts["calib"], "--eval-text": opts["eval_text"]},
                  opts["report"])
     cfg = check_options(dst, opts, given)
-    scheme, method, tuning = cfg.scheme, cfg.method, cfg.tune_steps > 0
-    ext = os.path.splitext(dst)[1].lower()
+    method, tuning = cfg.method, cfg.tune_steps > 0
     progress = opts["progress"] if opts["progress"] is not None else sys.stderr.isatty()
     t0 = time.perf_counter()
     before = prepare_for_model(read_checkpoint(src))
@@ -176,10 +174,18 @@ def _quantize(src, dst, opts, given):
 
     validation = run_validation(before, after, opts)
     passed = validation is None or validation.get("passed", True)
-    size = None
-    if passed:
-        write_quantized(after, dst, progress=progress)
-        size = os.path.getsize(dst)
+
+    def describe(staged):
+        return _quantize_report(src, dst, opts, passed, staged, spec, cfg, p, calib, after, t_transform, validation)
+
+    publish(dst, passed, lambda path: write_quantized(after, path, progress=progress), describe,
+            f"quantize {src} -> {dst}", opts)
+
+
+def _quantize_report(src, dst, opts, passed, staged, spec, cfg, p, calib, after, t_transform, validation):
+    scheme, method = cfg.scheme, cfg.method
+    ext = os.path.splitext(dst)[1].lower()
+    size = os.path.getsize(staged) if staged else None
     src_size = os.path.getsize(src) if os.path.isfile(src) else None
     q = after.manifest["quantized"]
     if validation is not None:  # tensor bytes on both sides, gate passed or not (a ggml view holds dequantized
@@ -210,8 +216,7 @@ def _quantize(src, dst, opts, given):
              *([_tuning_line(q["tuning"])] if q.get("tuning") else []),
              (f"wrote {dst} ({_mb(size)}" + (f", source {_mb(src_size)})" if src_size else ")")) if passed
              else f"NOT written (gate failed): {dst}"]
-    print_summary(f"quantize {src} -> {dst}", report, opts["as_json"], lines)
-    finish(report, opts)
+    return report, lines
 
 
 def _tuning_line(t: dict) -> str:

@@ -96,7 +96,7 @@ def _guard(r, model, out_dir, summary) -> None:
     recipe, evaluation text, path options), and --summary is none of them."""
     from ..cli import UserError
     from ..errors import RwkvToolsError
-    from ..io.paths import check_place, clash
+    from ..io.paths import within, check_place, clash
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out {out_dir} is a file; give a folder for the artifacts and reports")
     if not str(out_dir).strip():
@@ -110,6 +110,14 @@ def _guard(r, model, out_dir, summary) -> None:
             parent = os.path.dirname(os.path.abspath(summary))
             if not os.path.isdir(parent):
                 raise UserError(f"--summary {summary}: the folder {parent} does not exist")
+            if within(summary, out_dir):  # the run writes (and replaces) the files there
+                raise UserError(f"--summary {summary} is inside --out {out_dir}, where the run writes its models "
+                                "and reports; give a file elsewhere")
+            if os.path.exists(summary):
+                try:  # opened to append, as at the end of the run (no byte is written now)
+                    open(summary, "a").close()
+                except OSError as e:
+                    raise UserError(f"--summary {summary}: cannot append to it ({e.strerror or e})") from None
     except RwkvToolsError as e:
         raise UserError(str(e)) from None
     from ..recipes import input_files

@@ -9,7 +9,7 @@ import time
 import click
 
 from ..cli import FINITE_FLOAT, SEED, UserError, handle_errors, main
-from .common import finish, given_options, option_check, output_guard, print_summary, run_validation, validation_options
+from .common import given_options, option_check, output_guard, publish, run_validation, validation_options
 
 
 def _format(dst: str) -> str:
@@ -102,18 +102,21 @@ def _merge_only(src, dst, src_ck, fmt, opts):
     after = merge(src_ck)
     validation = run_validation(before, after, opts)
     passed = validation is None or validation.get("passed", True)
-    if passed:
-        write_checkpoint(after, dst, fmt)
     summary = (src_ck.manifest.get("recursive") or {}).get("summary", "recursive checkpoint")
-    report = {"command": "recursive", "src": src, "dst": dst, "written": passed, "merged": True, "merge_only": True,
-              "from": summary, "params_before": src_ck.num_params(), "params_after": after.num_params(),
-              "bytes_before": checkpoint_bytes(src_ck), "bytes_after": checkpoint_bytes(after),
-              "seconds_transform": time.perf_counter() - t0, "validation": validation}
-    lines = [f"expanded: {summary}",
-             f"stored {report['bytes_before']:,} -> {report['bytes_after']:,} bytes (plain checkpoint)",
-             f"{'wrote ' + dst if passed else 'NOT written (gate failed): ' + dst}"]
-    print_summary(f"recursive --merge {src} -> {dst}", report, opts["as_json"], lines)
-    finish(report, opts)
+
+    def describe(_staged):
+        report = {"command": "recursive", "src": src, "dst": dst, "written": passed, "merged": True,
+                  "merge_only": True, "from": summary, "params_before": src_ck.num_params(),
+                  "params_after": after.num_params(), "bytes_before": checkpoint_bytes(src_ck),
+                  "bytes_after": checkpoint_bytes(after), "seconds_transform": time.perf_counter() - t0,
+                  "validation": validation}
+        lines = [f"expanded: {summary}",
+                 f"stored {report['bytes_before']:,} -> {report['bytes_after']:,} bytes (plain checkpoint)",
+                 f"{'wrote ' + dst if passed else 'NOT written (gate failed): ' + dst}"]
+        return report, lines
+
+    publish(dst, passed, lambda path: write_checkpoint(after, path, fmt), describe,
+            f"recursive --merge {src} -> {dst}", opts)
 
 
 @option_check("recursive")
@@ -174,9 +177,17 @@ def _recursive(src, dst, opts, given=frozenset()):
 
     validation = run_validation(before, after, opts)
     passed = validation is None or validation.get("passed", True)
-    if passed:
-        write_checkpoint(after, dst, fmt)
     from ..validate import checkpoint_bytes
+
+    def describe(_staged):
+        return _recursive_report(src, dst, opts, passed, spec, cfg, calib, summary, p, before, after,
+                                 checkpoint_bytes, t_transform, validation)
+
+    publish(dst, passed, lambda path: write_checkpoint(after, path, fmt), describe, f"recursive {src} -> {dst}", opts)
+
+
+def _recursive_report(src, dst, opts, passed, spec, cfg, calib, summary, p, before, after, checkpoint_bytes,
+                      t_transform, validation):
     report = {"command": "recursive", "src": src, "dst": dst, "written": passed, "merged": opts["merge"],
               "version": spec.version, "n_layer": spec.n_layer, "config": cfg.to_dict(),
               "calibration": None if calib is None else {"text": opts["calib"] or "(packaged calib.txt)",
@@ -196,8 +207,7 @@ def _recursive(src, dst, opts, given=frozenset()):
              f"{' (merged back to a plain checkpoint)' if opts['merge'] else ''}; {t_transform:.1f} s",
              *[f"note: {n}" for n in report["notes"]],
              f"{'wrote ' + dst if passed else 'NOT written (gate failed): ' + dst}"]
-    print_summary(f"recursive {src} -> {dst}", report, opts["as_json"], lines)
-    finish(report, opts)
+    return report, lines
 
 
 # --------------------------------------------------------------------------------------- heal
@@ -293,8 +303,14 @@ def _heal(src, dst, opts):
         gates = [] if opts["max_ppl_increase"] is None else [Gate("ppl_vs_teacher_pct", max=opts["max_ppl_increase"])]
         apply_gates(validation, gates)
     passed = validation is None or validation.get("passed", True)
-    if passed:
-        write_checkpoint(out, dst)
+
+    def describe(_staged):
+        return _heal_report(src, dst, opts, passed, cfg, train, rep, validation)
+
+    publish(dst, passed, lambda path: write_checkpoint(out, path), describe, f"heal {src} -> {dst}", opts)
+
+
+def _heal_report(src, dst, opts, passed, cfg, train, rep, validation):
     report = {"command": "heal", "src": src, "dst": dst, "teacher": opts["teacher"], "written": passed,
               "text": opts["text"] or "(packaged calib.txt)", "train_text_tokens": len(train),
               "config": cfg.to_dict(), **{k: v for k, v in rep.items() if k not in ("curve",)},
@@ -311,5 +327,4 @@ def _heal(src, dst, opts):
         if rep["kl_after"] > rep["kl_before"]:
             lines.append("warning: healing raised the held-out KL to the teacher; try a lower --lr or more --tokens")
     lines.append(f"{'wrote ' + dst if passed else 'NOT written (gate failed): ' + dst}")
-    print_summary(f"heal {src} -> {dst}", report, opts["as_json"], lines)
-    finish(report, opts)
+    return report, lines

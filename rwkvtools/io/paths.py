@@ -12,7 +12,7 @@ def _real(path: str) -> str:
     return os.path.realpath(os.path.abspath(path))
 
 
-def _within(path: str, folder: str) -> bool:
+def within(path: str, folder: str) -> bool:
     """True when ``path`` is ``folder`` or lies inside it (any spelling, symlinks resolved)."""
     p, f = _real(path), _real(folder)
     return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
@@ -45,14 +45,14 @@ def clash(out: str, inp: str, label: str = "", out_is_folder: bool = False) -> s
     if os.path.isdir(inp):
         if _real(out) == _real(inp):
             return f"{out} is the input folder{lbl}"
-        if _within(out, inp):
+        if within(out, inp):
             return f"{out} is inside the input folder {inp}{lbl}"
         held = _held_file(out, inp)  # a file of the folder that is a link to out (the Hugging Face cache layout)
         if held:
             return f"{out} is the input file {held}{lbl}"
     elif _real(out) == _real(inp) or (os.path.exists(out) and os.path.samefile(out, inp)):
         return f"{out} is the input file{lbl}"
-    if out_is_folder and _within(inp, out):
+    if out_is_folder and within(inp, out):
         return f"{out} is a folder that holds the input {inp}{lbl}"
     return None
 
@@ -77,6 +77,8 @@ def check_place(path: str, what: str) -> None:
         raise RwkvToolsError(f"{what} is an empty path; give a file name")
     d = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(d):
+        if os.path.lexists(d):  # a symbolic link to nothing: the folders could not be made under it
+            raise RwkvToolsError(f"{what} {path}: {d} is a broken symbolic link (to {os.readlink(d)})")
         d = os.path.dirname(d)
     if not os.path.isdir(d):
         raise RwkvToolsError(f"{what} {path}: {d} is a file, not a folder")
@@ -87,6 +89,12 @@ def check_place(path: str, what: str) -> None:
         raise RwkvToolsError(f"{what} {path}: cannot create files in {d} ({e.strerror or e})") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def _file_name(path: str, what: str) -> None:
+    """A file output named with a trailing '/': refused before any work (the final rename would fail)."""
+    if str(path).endswith((os.sep, "/")):
+        raise RwkvToolsError(f"{what} {path} ends with '/' (a folder path); give a file name")
 
 
 def output_guard(src: str | None, dst: str, force: bool, inputs: dict | None = None,
@@ -100,19 +108,19 @@ def output_guard(src: str | None, dst: str, force: bool, inputs: dict | None = N
         raise RwkvToolsError("DST is an empty path; give a file or folder name")
     if report is not None and not str(report).strip():  # given, but empty: refused like an empty DST
         raise RwkvToolsError("--report is an empty path; give a file name")
-    for p in (src, dst, report, *(inputs or {}).values()):
-        check_name(p)
     if fmt is None:
         from .writers import format_from_path
         fmt = format_from_path(dst)
     folder = fmt == "hf"
+    for p in (src, dst, report, *(inputs or {}).values()):
+        check_name(p)
     ins = [(label, p) for label, p in [("", src), *(inputs or {}).items()] if p and os.path.exists(p)]
     for label, p in ins:
         why = clash(dst, p, label, folder)
         if why:
             raise RwkvToolsError(f"{why}; write to another path")
     if report:
-        if _within(report, dst):
+        if within(report, dst):
             raise RwkvToolsError(f"--report {report} would overwrite DST {dst}; choose another report path")
         for label, p in ins:
             why = clash(report, p, label)
@@ -120,7 +128,12 @@ def output_guard(src: str | None, dst: str, force: bool, inputs: dict | None = N
                 raise RwkvToolsError(f"--report {why}; choose another report path")
         if os.path.isdir(report):
             raise RwkvToolsError(f"--report {report} is a folder; give a file path")
+        _file_name(report, "--report")
+        if os.path.lexists(report) and not force:
+            raise RwkvToolsError(f"--report {report} exists; pass --force to overwrite it")
         check_place(report, "--report")
+    if not folder:
+        _file_name(dst, "DST")
     if os.path.lexists(dst) and not force:
         raise RwkvToolsError(f"{dst} exists; pass --force to overwrite it")
     if os.path.isdir(dst) and not folder:
