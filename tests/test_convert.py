@@ -770,6 +770,59 @@ def test_rnn_manifest_record_with_a_shape_of_another_size_is_refused_up_front(ti
         to_parallel(rnn)
 
 
+def _fp16_with_tiny_values(ck):
+    """ck in fp16 with values around fp16's smallest normal (2^-14 = 6.1e-5) and subnormals in the
+    rescaled matrices: halving them loses their low bits (the audit's fixture case: 1.1700e-4 came
+    back as 1.1706e-4 after a --rescale-every round trip)."""
+    t = {k: (v.half() if v.is_floating_point() else v) for k, v in ck.tensors.items()}
+    g = torch.Generator().manual_seed(3)
+    for k in t:
+        if k.endswith(("att.output.weight", "ffn.value.weight")):
+            w = t[k].clone().flatten()
+            pick = torch.randperm(w.numel(), generator=g)[:40]
+            w[pick] = (torch.rand(40, generator=g) * 2.4e-4 - 1.2e-4).half()   # normals near 2^-14, subnormals
+            w[pick[:2]] = torch.tensor([2 ** -24, -(2 ** -23) * 3], dtype=torch.float16)  # halved: 0 / rounded
+            t[k] = w.reshape(t[k].shape)
+    return Checkpoint(t, ck.manifest)
+
+
+@pytest.mark.parametrize("rescale", [1, 2])
+@pytest.mark.parametrize("version", ["5.2", "7"])
+def test_fp16_rescale_round_trip_is_bit_exact(tiny_models, version, rescale):
+    """fp16 / 2^k pushes small values below the normal range, where they lose low bits: to_rnn
+    keeps those elements (indices and original values) so that to_parallel gives every tensor
+    back bit for bit; the kept part is small."""
+    ck = _fp16_with_tiny_values(tiny_models[version])
+    rnn = to_rnn(ck, rescale)
+    lost = [k for k in rnn.tensors if k.startswith(RESERVED) and k.endswith(".lost_value")]
+    assert lost, "no element lost bits: the test's values do not exercise the rescale"
+    assert sum(rnn.tensors[k].numel() for k in lost) < 0.05 * sum(
+        ck.tensors[k].numel() for k in ck.tensors if k.endswith(("att.output.weight", "ffn.value.weight")))
+    back = to_parallel(rnn)
+    for k in ck.tensors:
+        x, y = ck.tensors[k], back.tensors[k]
+        assert x.dtype == y.dtype and torch.equal(x.view(torch.int16) if x.dtype == torch.float16 else x,
+                                                  y.view(torch.int16) if y.dtype == torch.float16 else y), k
+
+
+def test_fp16_rescale_lost_elements_are_checked_when_read(tiny_models):
+    """The kept elements come from a file: indices outside the tensor, or index/value tensors of
+    other lengths or dtypes, are damage reported before anything is indexed."""
+    rnn = to_rnn(_fp16_with_tiny_values(tiny_models["7"]), 1)
+    name, rec = next((k, r) for k, r in rnn.manifest["rnn"]["tensors"].items() if r.get("lost"))
+    ik, vk = rec["lost"]
+    tensors = {k: rnn.tensors[k] for k in rnn.tensors}
+    for bad, msg in [({ik: tensors[ik] + 10 ** 9}, "indices outside"),
+                     ({ik: tensors[ik].int()}, "expected as many int64 indices"),
+                     ({vk: tensors[vk][:-1]}, "expected as many int64 indices")]:
+        broken = Checkpoint({**tensors, **bad}, json.loads(json.dumps(rnn.manifest)))
+        with pytest.raises(SpecError, match=msg):
+            to_parallel(broken)
+    gone = Checkpoint({k: v for k, v in tensors.items() if k != vk}, json.loads(json.dumps(rnn.manifest)))
+    with pytest.raises(SpecError, match="does not contain"):
+        to_parallel(gone)
+
+
 def test_rnn_form_refuses_quantized_linears(tiny_models):
     from rwkvtools.transforms.quantize import QuantizeConfig, quantize
     q = quantize(tiny_models["7"], QuantizeConfig("int8"))

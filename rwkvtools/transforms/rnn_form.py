@@ -176,6 +176,20 @@ def _vector_rule(spec, last: str, shape: tuple, H: int, N: int) -> dict | None:
     return None
 
 
+LOST_INDEX, LOST_VALUE = ".lost_index", ".lost_value"
+
+
+def rescale_losses(t: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The elements of ``t`` that ``t / factor * factor`` does not give back bit for bit (in t's
+    own dtype: values that the division pushes below the dtype's normal range lose low bits, in
+    fp16 anything under 2^-14 x factor): their flat indices (int64) and original values."""
+    back = (t / factor) * factor
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    diff = (back.contiguous().view(bits) != t.contiguous().view(bits)).flatten()
+    idx = torch.nonzero(diff).flatten()
+    return idx, t.flatten()[idx].clone()
+
+
 def _rescale_factor(name: str, every: int) -> float:
     if not every:
         return 1.0
@@ -232,20 +246,31 @@ def to_rnn(ckpt: Checkpoint, rescale_every: int = 0) -> Checkpoint:
             values[name] = y
         rec["rnn_shape"] = list(r["shape"])
         record[name] = rec
+    lost: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name in names:
         f = _rescale_factor(name, rescale_every)
         if f != 1.0:
-            record.setdefault(name, {"shape": list(shapes[name]), "rnn_shape": list(shapes[name])})["rescale"] = f
+            rec = record.setdefault(name, {"shape": list(shapes[name]), "rnn_shape": list(shapes[name])})
+            rec["rescale"] = f
+            if tensor_dtype(src, name).is_floating_point:
+                idx, val = rescale_losses(src[name], f)
+                if idx.numel():
+                    lost[name] = (idx, val)
+                    rec["lost"] = [RESERVED + name + LOST_INDEX, RESERVED + name + LOST_VALUE]
 
     order: list[str] = []
+    extra: dict[str, torch.Tensor] = {}   # reserved name -> kept original or lost elements
     for name in names:
         order.append(name)
         if name in kept:
-            order.append(RESERVED + name)
+            extra[RESERVED + name] = kept[name]
+        if name in lost:
+            extra.update(zip(record[name]["lost"], lost[name]))
+        order += [k for k in extra if k not in order]
 
     def load(name: str) -> torch.Tensor:
         if name.startswith(RESERVED):
-            return kept[name[len(RESERVED):]]
+            return extra[name]
         if name in values:
             return values[name]
         t = src[name]
@@ -261,16 +286,17 @@ def to_rnn(ckpt: Checkpoint, rescale_every: int = 0) -> Checkpoint:
     out_shapes = {}
     for name in order:
         if name.startswith(RESERVED):
-            out_shapes[name] = tuple(kept[name[len(RESERVED):]].shape)
+            out_shapes[name] = tuple(extra[name].shape)
         elif name in record:
             out_shapes[name] = tuple(record[name]["rnn_shape"])
         else:
             out_shapes[name] = shapes[name]
-    dtypes = {k: (torch.float32 if k in values else (kept[k[len(RESERVED):]].dtype if k.startswith(RESERVED)
+    dtypes = {k: (torch.float32 if k in values else (extra[k].dtype if k.startswith(RESERVED)
                                                        else tensor_dtype(src, k))) for k in order}
     section = {"version": spec.version, "rescale_every": rescale_every, "tensors": record}
     entry = {"transform": "rnn_form", "options": {"to": "rnn", "rescale_every": rescale_every},
-             "result": {"tensors_changed": len(record), "originals_kept": sorted(kept)}}
+             "result": {"tensors_changed": len(record), "originals_kept": sorted(kept),
+                        "rescale_lost_elements_kept": {k: int(v[0].numel()) for k, v in sorted(lost.items())}}}
     out = ckpt.with_tensors(LazyTensors(order, load, out_shapes, dtypes), entry, form="rnn")
     out.manifest[FORM_KEY] = section
     return out
@@ -290,9 +316,30 @@ def _check_record(name: str, rec) -> None:
               and isinstance(value, str) and value in VALUE_OPS
               and isinstance(rec.get("dtype", ""), str) and isinstance(rec.get("kept", ""), str)
               and rec.get("T", False) in (True, False) and (not rec.get("T") or len(rnn_shape) == 2)
-              and isinstance(scale, (int, float)) and not isinstance(scale, bool))
+              and isinstance(scale, (int, float)) and not isinstance(scale, bool)
+              and (rec.get("lost") is None or (isinstance(rec["lost"], list) and len(rec["lost"]) == 2
+                                               and all(isinstance(x, str) for x in rec["lost"]))))
     if not ok:
         raise SpecError(f"the RNN-form manifest's record of '{name}' is damaged: {str(rec)[:200]}")
+
+
+def _check_lost(name: str, rec: dict, src) -> None:
+    """The kept elements of a rescaled tensor: 1-d int64 indices inside the tensor, values of its
+    dtype, as many of each (read from a file: checked before they are used)."""
+    ik, vk = rec["lost"]
+    for k in (ik, vk):
+        if k not in src:
+            raise SpecError(f"RNN-form manifest says elements of '{name}' are kept in '{k}', which the file "
+                            "does not contain")
+    n_i, n_v = tensor_shape(src, ik), tensor_shape(src, vk)
+    if (len(n_i) != 1 or tuple(n_i) != tuple(n_v) or tensor_dtype(src, ik) != torch.int64
+            or tensor_dtype(src, vk) != tensor_dtype(src, name)):
+        raise SpecError(f"'{ik}' / '{vk}' ({tuple(n_i)} {tensor_dtype(src, ik)}, {tuple(n_v)} "
+                        f"{tensor_dtype(src, vk)}): expected as many int64 indices as values of "
+                        f"{tensor_dtype(src, name)}")
+    idx = src[ik]
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= math.prod(rec["shape"])):
+        raise SpecError(f"'{ik}' holds indices outside '{name}' ({math.prod(rec['shape'])} elements)")
 
 
 def to_parallel(ckpt: Checkpoint) -> Checkpoint:
@@ -319,6 +366,8 @@ def to_parallel(ckpt: Checkpoint) -> Checkpoint:
         if "kept" in rec and tuple(tensor_shape(src, rec["kept"])) != tuple(rec["shape"]):
             raise SpecError(f"'{rec['kept']}' has shape {tuple(tensor_shape(src, rec['kept']))}, the "
                             f"RNN-form manifest says {tuple(rec['shape'])}")
+        if rec.get("lost"):
+            _check_lost(name, rec, src)
 
     def load(name: str) -> torch.Tensor:
         rec = record.get(name)
@@ -335,6 +384,11 @@ def to_parallel(ckpt: Checkpoint) -> Checkpoint:
         t = t.reshape(rec["shape"])
         if "rescale" in rec and t.is_floating_point():
             t = t * rec["rescale"]
+            if rec.get("lost"):   # the elements the division lost bits of, kept as they were
+                idx, val = (src[k] for k in rec["lost"])
+                t = t.flatten().clone()
+                t[idx] = val
+                t = t.reshape(rec["shape"])
         return t
 
     shapes = {k: tuple(record[k]["shape"]) if k in record else tuple(tensor_shape(src, k)) for k in names}
