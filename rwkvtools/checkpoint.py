@@ -68,11 +68,19 @@ def tensor_dtype(tensors: Mapping, name: str) -> torch.dtype:
     return tensors[name].dtype
 
 
+# the RNN form's reserved names: what to_parallel needs to give the training form back bit for bit
+# (kept originals of decays, elements an fp16 rescale lost bits of); storage, not parameters
+RNN_RESERVED = "_parallel."
+
+
 def param_count(tensors: Mapping, name: str) -> int:
     """Model parameters a stored tensor holds: a quantized linear counts its logical (out x in)
     weights however packed (int4: two per stored byte), and its scales and zero points are
-    storage, not parameters; any other tensor counts its elements. So bits per weight
-    (8 x bytes / parameters) compare across float, int8 and int4 files."""
+    storage, not parameters; so are the RNN form's reserved tensors (RNN_RESERVED); any other
+    tensor counts its elements. So bits per weight (8 x bytes / parameters) compare across
+    float, int8 and int4 files, and both forms of a model count the same parameters."""
+    if name.startswith(RNN_RESERVED):
+        return 0
     prefix, _, suffix = name.rpartition(".")
     if suffix in ("weight_scale", "weight_zero") and (
             f"{prefix}.weight_int8" in tensors or f"{prefix}.weight_int4" in tensors):

@@ -60,6 +60,9 @@ def handle_errors(fn):
             raise click.Abort() from None
         except MemoryError:
             raise UserError("out of memory; try a smaller --chunk-len or a machine with more memory") from None
+        except BrokenPipeError:  # stdout's reader went away (`| head`): stop quietly, as a shell tool does
+            _drop_stdout()
+            raise click.exceptions.Exit(128 + 13) from None   # 141: the shell's code for SIGPIPE
         except OSError as e:
             if e.errno not in _RESOURCE_ERRNOS:
                 raise_internal(e)
@@ -74,6 +77,15 @@ def handle_errors(fn):
         except Exception as e:
             raise_internal(e)
     return wrapper
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush raises nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (tests)
+        pass
 
 
 def raise_internal(e: Exception):

@@ -880,3 +880,24 @@ def test_signal_during_start_up_prints_no_traceback(tmp_path, sig):
     rc, out, err = _run_and_signal(tmp_path, "start-up", sig, ["--version"])
     assert "Traceback" not in err and "Aborted" in err and sig in err, err
     assert rc == 128 + getattr(signal, sig) and out == ""
+
+
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_stdout_reader_gone_is_a_quiet_stop(tmp_path, command):
+    """`rwkvtools ... | head -1`: a closed stdout was an 'internal error (BrokenPipeError)'
+    after the output had been written. Now: exit 141 (the shell's SIGPIPE code), nothing on
+    stderr, the finished output in place."""
+    import subprocess
+    import sys
+    src = tmp_path / "m.safetensors"
+    write_checkpoint(random_checkpoint("7", n_layer=1, n_embd=32, vocab=256, head_size=16, seed=1), str(src))
+    args = ["inspect", src, "--json"] if command == "inspect" else ["convert", src, tmp_path / "o.pth", "--json",
+                                                                     "--no-validate"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.Popen([sys.executable, "-m", "rwkvtools", *map(str, args)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait() == 141 and err == "", err
+    if command == "convert":
+        assert read_checkpoint(str(tmp_path / "o.pth")).num_params() == read_checkpoint(str(src)).num_params()

@@ -805,6 +805,17 @@ def test_fp16_rescale_round_trip_is_bit_exact(tiny_models, version, rescale):
                                                   y.view(torch.int16) if y.dtype == torch.float16 else y), k
 
 
+def test_rnn_form_counts_the_same_parameters(tiny_models):
+    """The RNN form's reserved tensors (kept decays, elements a rescale lost bits of) are the way
+    back, not parameters: inspect showed the v5.2 fixture's RNN form with 56K more parameters."""
+    from rwkvtools.spec import param_groups
+    for v in ("5.2", "7"):
+        ck = _fp16_with_tiny_values(tiny_models[v])
+        rnn = to_rnn(ck, 1)
+        assert [k for k in rnn.tensors if k.startswith(RESERVED)]
+        assert rnn.num_params() == ck.num_params() and param_groups(rnn.tensors) == param_groups(ck.tensors)
+
+
 def test_fp16_rescale_lost_elements_are_checked_when_read(tiny_models):
     """The kept elements come from a file: indices outside the tensor, or index/value tensors of
     other lengths or dtypes, are damage reported before anything is indexed."""

@@ -33,10 +33,10 @@ import re
 
 import torch
 
-from ..checkpoint import Checkpoint, LazyTensors, tensor_dtype, tensor_shape
+from ..checkpoint import RNN_RESERVED, Checkpoint, LazyTensors, tensor_dtype, tensor_shape
 from ..errors import SpecError
 
-RESERVED = "_parallel."
+RESERVED = RNN_RESERVED
 FORM_KEY = "rnn"  # manifest section describing the inverse
 
 # --------------------------------------------------------------------------- value transforms
