@@ -577,6 +577,12 @@ def _run_steps(recipe: Recipe, src: str, out_dir: str, base: dict, ev: dict, t0:
     if not_run:
         log(f"not run (stage {current['stage']} wrote no model to go on from): {', '.join(not_run)}")
     final = None if current.get("failed") else current
+    stamped = final is not None and final is not base and _stamp_recipe(final["path"], recipe)
+    if stamped:  # never the source model itself (a recipe of eval steps only); judged as it is now
+        _restamped(final)
+        if final.get("key"):
+            from .io.atomic import write_json
+            write_json(os.path.join(out_dir, final["stage"] + ".json"), {**final, "resumed": False})
     if final is None:
         overall = {"ppl_increase_pct": None, "size_reduction": None}
         overall_gates = [{"gate": g, "metric": GATES[g][0], "bound": b, "value": None, "passed": False,
@@ -591,12 +597,6 @@ def _run_steps(recipe: Recipe, src: str, out_dir: str, base: dict, ev: dict, t0:
     report = {"recipe": recipe.name, "recipe_file": os.path.abspath(recipe.path), "source": os.path.abspath(src),
               "eval": ev, "stages": stages, "not_run": not_run, "overall": {**overall, "gates": overall_gates},
               "passed": passed, "final": final["path"] if final else None, "seconds": time.time() - t0}
-    if final is not None and final is not base:  # never the source model itself (a recipe of eval steps only)
-        if _stamp_recipe(final["path"], recipe):
-            final["bytes"] = _size(final["path"])  # the file as it is now
-            if final.get("key"):
-                from .io.atomic import write_json
-                write_json(os.path.join(out_dir, final["stage"] + ".json"), {**final, "resumed": False})
     write_reports(report, out_dir)
     return report
 
@@ -634,7 +634,7 @@ def _run_stage(step: Step, opts: dict, label: str, current: dict, out_dir: str, 
             old = {}
         if "ppl" in old and old["ppl"] is None:
             old["ppl"] = float("nan")  # records are strict JSON: a NaN perplexity was written as null
-        if old.get("key") == key and (step.kind == "eval" or os.path.exists(old.get("path", ""))):
+        if old.get("key") == key and (step.kind == "eval" or _output_intact(old, out_dir)):
             old["resumed"] = True
             old["gates"] = [_gate(g, b, old) for g, b in step.gates.items()]  # the gates as the recipe has them now
             log(f"{label}: up to date, skipped")
@@ -668,6 +668,7 @@ def _run_stage(step: Step, opts: dict, label: str, current: dict, out_dir: str, 
         log(f"{label}: FAILED ({detail})")
         return stage
     stage["path"] = os.path.abspath(dst)
+    stage["input_bytes"] = current["bytes"]
     stage["bytes"] = _size(dst)
     stage["params"] = _params(dst) if step.kind != "eval" else current.get("params")
     stage.update(_measure(dst, ev) if step.kind != "eval" else {"ppl": cmd_report["ppl"] if cmd_report else float("nan")})
@@ -682,11 +683,41 @@ def _run_stage(step: Step, opts: dict, label: str, current: dict, out_dir: str, 
     stage["key"] = key
     stage["resumed"] = False
     stage["root"] = _root_of(current)
+    if step.kind != "eval":
+        stage["output_key"] = _file_key(dst)   # a resumed run uses the output only while it is this file
     from .io.atomic import write_json
     write_json(meta_path, stage)  # atomically: a record cut short would break resuming
     verdict = "PASS" if all(g["passed"] for g in stage["gates"]) else "FAIL"
     log(f"{label}: ppl {stage['ppl']:.4f} ({stage['ppl_increase_pct']:+.2f}%), {stage['bytes']:,} bytes [{verdict}]")
     return stage
+
+
+def _output_intact(record: dict, out_dir: str) -> bool:
+    """A stage record's output can be reused: it lies directly in this --out (a record copied with
+    its folder names the old folder's file) and is the file the stage wrote (same size and time:
+    a file replaced or emptied since runs the stage again)."""
+    path = record.get("path")
+    if not isinstance(path, str) or not os.path.lexists(path):
+        return False
+    if os.path.dirname(os.path.realpath(path)) != os.path.realpath(out_dir):
+        return False
+    try:
+        return record.get("output_key") == _file_key(path)
+    except OSError:
+        return False
+
+
+def _restamped(stage: dict) -> None:
+    """The final stage's figures and gates after the recipe was stamped into its file (the file
+    grew by the stamp): size, size reduction, bits per weight, then its gates again."""
+    stage["bytes"] = _size(stage["path"])
+    if stage.get("input_bytes"):
+        stage["size_reduction"] = 1.0 - stage["bytes"] / stage["input_bytes"]
+    stage["bits_per_weight"] = 8.0 * stage["bytes"] / stage["params"] if stage.get("params") else None
+    stage["gates"] = [_gate(g["gate"], g["bound"], stage) if g.get("gate") in GATES else g
+                      for g in stage.get("gates", [])]
+    if stage.get("key"):
+        stage["output_key"] = _file_key(stage["path"])
 
 
 def _remove_stale(out_dir: str, paths: list[str]) -> None:

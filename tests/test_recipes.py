@@ -641,3 +641,64 @@ def test_name_and_description_are_text(tmp_path):
     doc.pop("name")
     p.write_text(yaml.safe_dump(doc) + "name: 2024-05-01\n")
     assert load_recipe(str(p)).name == "2024-05-01"
+
+
+def _run_json(p, out, code=0):
+    r = runner.invoke(main, ["recipe", "run", p, "--out", str(out), "--json"])
+    assert r.exit_code == code, r.output[-2000:]
+    return json.loads(r.stdout)
+
+
+def test_size_figures_and_gates_are_of_the_stamped_file(tmp_path):
+    """The recipe is stamped into the final model after its figures were taken: with a long
+    description the report said 52% smaller and passed the size gate, the file was 23% smaller,
+    and a rerun of the same recipe failed the same gate."""
+    src = fixture_path("tiny-rwkv-7v0-834K.pth")
+    doc = base(model=src, description="x" * 1_500_000, eval={"tokens": 256},
+               steps=[{"quantize": {"scheme": "int8", "no-validate": True}, "gates": {"min_size_reduction": 0.4}}],
+               gates={"min_size_reduction": 0.4})
+    p, out = write(tmp_path, doc), tmp_path / "out"
+    first = _run_json(p, out, code=1)
+    again = _run_json(p, out, code=1)
+    final = out / "01-quantize.safetensors"
+    size = final.stat().st_size
+    for rep in (first, again):
+        st = rep["stages"][1]
+        assert st["bytes"] == size
+        assert st["size_reduction"] == pytest.approx(1 - size / rep["stages"][0]["bytes"])
+        assert rep["overall"]["size_reduction"] == pytest.approx(1 - size / os.path.getsize(src))
+        assert rep["passed"] is False and st["gates"][0]["passed"] is False
+    assert again["stages"][1]["resumed"] is True
+
+
+def test_resume_runs_a_stage_again_when_its_output_was_replaced(tmp_path):
+    """Resuming trusted whatever file sat at the stage's path: a plain fp32 copy of the source
+    there was reported as the int8 stage (with the int8 record's size reduction), an emptied one
+    failed every rerun."""
+    doc = base(steps=[{"quantize": {"scheme": "int8", "no-validate": True}}], eval={"tokens": 256})
+    p, out = write(tmp_path, doc), tmp_path / "out"
+    first = _run_json(p, out)["stages"][1]
+    stage = pathlib.Path(first["path"])
+    for damage in ("another model", "emptied"):
+        if damage == "another model":
+            runner.invoke(main, ["convert", fixture_path("tiny-rwkv-5v2-730K-FP32.bin"), str(stage), "--force",
+                                 "--no-validate"])
+        else:
+            stage.write_bytes(b"")
+        st = _run_json(p, out)["stages"][1]
+        assert st["resumed"] is False and st["bytes"] == first["bytes"] == stage.stat().st_size, damage
+
+
+def test_a_copied_out_folder_never_writes_to_the_old_one(tmp_path):
+    """Stage records held absolute paths: a run in a copy of --out resumed from, and restamped,
+    the original folder's model, and named it as its final model."""
+    import shutil
+    doc = base(steps=[{"quantize": {"scheme": "int8", "no-validate": True}}], eval={"tokens": 256})
+    p, a, b = write(tmp_path, doc), tmp_path / "a", tmp_path / "b"
+    _run_json(p, a)
+    shutil.copytree(a, b)
+    a_model = (a / "01-quantize.safetensors").read_bytes()
+    doc["description"] = "changed: the stamp changes"
+    rep = _run_json(write(tmp_path, doc), b)
+    assert (a / "01-quantize.safetensors").read_bytes() == a_model
+    assert os.path.dirname(rep["final"]) == str(b) and rep["stages"][1]["resumed"] is False
