@@ -60,16 +60,69 @@ class RecipeError(RwkvToolsError):
     pass
 
 
+MAX_RECIPE_BYTES = 4 << 20        # a recipe is a page of YAML; a larger file is refused unread
+MAX_RECIPE_VALUES = 100_000       # values after YAML aliases are expanded (an alias bomb is refused)
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML as PyYAML's safe loader reads it, but with YAML 1.2's numbers: `1e-3` and `5E+2` are
-    floats (YAML 1.1, PyYAML's default, wants a dot and reads them as text, so a gate or an
-    option written that way was refused)."""
+    """YAML as PyYAML's safe loader reads it, but with YAML 1.2's numbers (the core schema):
+    `1e-3` and `5E+2` are floats (YAML 1.1, PyYAML's default, wants a dot and read them as text,
+    so a gate or an option written that way was refused); `010000` is ten thousand, not the octal
+    4096, and `1:08:16` (a base-60 number in YAML 1.1) or `0b1000` are text, as in YAML 1.2. A
+    key given twice in one mapping is refused (YAML 1.1 loaders kept the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    k = (key_node.tag, key_node.value)
+                    if k in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"the key '{key_node.value}' is given twice in one mapping (lines "
+                            f"{seen[k] + 1} and {key_node.start_mark.line + 1})", key_node.start_mark)
+                    seen[k] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node).replace("_", "")
+        sign = -1 if text.startswith("-") else 1
+        body = text.lstrip("+-")
+        if body.startswith("0o"):
+            return sign * int(body[2:], 8)
+        if body.startswith("0x"):
+            return sign * int(body[2:], 16)
+        return sign * int(body, 10)
 
 
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in rs if tag not in (_INT, _FLOAT)]
+    for first, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                              list("-+0123456789"))
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
     list("-+0123456789."))
+_Loader.add_constructor(_INT, _Loader.construct_yaml_int)
+
+
+def _count_values(obj, limit: int) -> None:
+    """Walk what YAML built (aliases are shared references, so a few lines can stand for billions
+    of values) and stop at ``limit`` values: ValueError."""
+    stack, n = [obj], 0
+    while stack:
+        o = stack.pop()
+        n += 1
+        if n > limit:
+            raise ValueError(f"it expands to more than {limit:,} values (YAML aliases)")
+        if isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
 
 
 @dataclass
@@ -173,6 +226,19 @@ def _names(where: str, mapping: dict, what: str) -> None:
             raise RecipeError(f"{where}: {what} {k!r} is not a name; write it as text")
 
 
+def _one_spelling(where: str, opts: dict, sweep: str | None = None) -> None:
+    """An option given twice (`calib-tokens` and `calib_tokens`; or set on the step and swept):
+    both were passed to the command, or the sweep silently overrode the step's value."""
+    seen = {}
+    for k in opts:
+        norm = str(k).replace("_", "-")
+        if norm in seen:
+            raise RecipeError(f"{where}: option '{norm}' is given twice ('{seen[norm]}' and '{k}')")
+        seen[norm] = k
+    if sweep is not None and str(sweep).replace("_", "-") in seen:
+        raise RecipeError(f"{where}: option '{sweep}' is both set on the step and swept; keep one")
+
+
 def _check_gates(where: str, gates, provided: set[str]) -> dict:
     if gates is None:
         return {}
@@ -208,8 +274,12 @@ def _check_eval(path: str, ev: dict) -> None:
 def load_recipe(path: str) -> Recipe:
     """Parse and validate a recipe file; every error names the step, the option and what is allowed."""
     try:
+        if os.path.isfile(path) and os.path.getsize(path) > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {os.path.getsize(path):,} bytes is not a recipe (a recipe is a page of "
+                              f"YAML; at most {MAX_RECIPE_BYTES:,} bytes are read)")
         with open(path, encoding="utf-8") as f:
             raw = yaml.load(f, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+        _count_values(raw, MAX_RECIPE_VALUES)
     except FileNotFoundError:
         raise RecipeError(f"{path}: no such recipe file") from None
     except IsADirectoryError:
@@ -218,8 +288,12 @@ def load_recipe(path: str) -> Recipe:
         raise RecipeError(f"{path}: not a recipe: a recipe is UTF-8 YAML text ({e})") from None
     except OSError as e:
         raise RecipeError(f"{path}: cannot read ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({e})") from None
+    except yaml.YAMLError as e:  # PyYAML's message spans lines (marks, snippets): one line here
+        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(e).split())[:400]})") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: not a recipe: its YAML is nested too deeply") from None
+    except ValueError as e:  # a number of thousands of digits; an alias bomb (_count_values)
+        raise RecipeError(f"{path}: not a recipe: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with keys {', '.join(sorted(TOP_KEYS))}")
     _names(path, raw, "top-level key")
@@ -259,6 +333,7 @@ def load_recipe(path: str) -> Recipe:
             raise RecipeError(f"{where}: options must be a mapping of option name to value")
         cmd = _command(kind)
         _names(where, opts, "option")
+        _one_spelling(where, opts)
         opts = dict(opts)
         for k, v in opts.items():
             _check_value(where, cmd, k, v)
@@ -272,6 +347,7 @@ def load_recipe(path: str) -> Recipe:
             _names(where + " sweep", sw, "option")
             if not isinstance(sv, list) or not sv:
                 raise RecipeError(f"{where}: sweep '{sk}' needs a non-empty list of values")
+            _one_spelling(where, opts, sweep=sk)
             for v in sv:
                 _check_value(where + " sweep", cmd, sk, v)
             sweep = (sk, [_expand_path_option(cmd, sk, v, base) for v in sv])

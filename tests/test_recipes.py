@@ -373,7 +373,7 @@ def test_numbers_in_exponent_form_are_numbers(tmp_path):
     ([{"quantize": {"scheme": "int4", "act-order": True}}], "--act-order applies to --method gptq"),
     ([{"export-onnx": {"chunk-len": 32}}], r"step 1 \(export-onnx\): --chunk-len applies to --mode sequence"),
     ([{"convert": {"format": "safetensors", "quant": "Q4_0"}}], "--quant applies to GGUF output"),
-    ([{"lowrank": {"rank": 0.5}, "sweep": {"rank": [0.5, 7.5]}}], r"sweep rank=7.5: rank 7.5 >= 1 is an absolute rank"),
+    ([{"lowrank": {"method": "svd"}, "sweep": {"rank": [0.5, 7.5]}}], r"sweep rank=7.5: rank 7.5 >= 1 is an absolute rank"),
     ([{"recursive": {"blocks": 0}}], "blocks must be a positive integer"),
     ([{"eval": {"max-tokens": 1}}], "--max-tokens must be at least 2"),
     ([{"quantize": {"scheme": "int8"}}, {"heal": {"tokens": 0}}], r"step 2 \(heal\):.*tokens"),
@@ -702,3 +702,69 @@ def test_a_copied_out_folder_never_writes_to_the_old_one(tmp_path):
     rep = _run_json(write(tmp_path, doc), b)
     assert (a / "01-quantize.safetensors").read_bytes() == a_model
     assert os.path.dirname(rep["final"]) == str(b) and rep["stages"][1]["resumed"] is False
+
+
+def _alias_bomb(levels=9):
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels)]
+    return "\n".join("  " + x for x in lines)
+
+
+@pytest.mark.parametrize("where", ["eval text", "gate", "flag option"])
+def test_yaml_alias_bomb_is_refused_at_once(tmp_path, where):
+    """Nine levels of aliases (10^9 values in a few lines) reached the option checks, whose
+    messages printed the value: 45-58 s and 2-2.7 GB, then 'out of memory'."""
+    use = {"eval text": "eval: {text: *a8}\nsteps: [{quantize: {scheme: int8}}]",
+           "gate": "steps: [{quantize: {scheme: int8}, gates: {max_ppl_increase: *a8}}]",
+           "flag option": "steps: [{lowrank: {rank: 0.5, merge: *a8}}]"}[where]
+    p = tmp_path / "bomb.yaml"
+    p.write_text(f"name: t\nmodel: {fixture_path('tiny-rwkv-7v0-834K.pth')}\nanchors:\n{_alias_bomb()}\n{use}\n")
+    with pytest.raises(RecipeError, match=r"expands to more than 100,000 values \(YAML aliases\)"):
+        load_recipe(str(p))
+
+
+@pytest.mark.parametrize("text,match", [
+    ("name: t\nsteps: " + "[" * 10000 + "]" * 10000 + "\n", "nested too deeply"),
+    ("name: t\neval: {tokens: " + "9" * 5000 + "}\nsteps: [{quantize: {scheme: int8}}]\n", "not a recipe: Exceeds"),
+    ("name: t\nmodel: a\nmodel: b\nsteps: [{quantize: {scheme: int8}}]\n",
+     "the key 'model' is given twice in one mapping \\(lines 2 and 3\\)"),
+    ("name: t\nsteps: [{quantize: {scheme: int8}, gates: {max_ppl_increase: 1, max_ppl_increase: 2}}]\n",
+     "the key 'max_ppl_increase' is given twice"),
+    ("name: t\nsteps: [{quantize: {scheme: int4, method: gptq, calib-tokens: 100, calib_tokens: 200}}]\n",
+     "option 'calib-tokens' is given twice \\('calib-tokens' and 'calib_tokens'\\)"),
+    ("name: t\nsteps: [{quantize: {scheme: int4, group-size: 32}, sweep: {group_size: [32, 64]}}]\n",
+     "option 'group_size' is both set on the step and swept"),
+])
+def test_yaml_that_was_an_internal_error_or_silently_misread_is_refused(tmp_path, text, match):
+    """Deep nesting and a 5000-digit number were internal errors (RecursionError, ValueError); a
+    key given twice kept the last one; an option in both spellings reached the command twice; a
+    sweep silently overrode the step's value."""
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(str(p))
+
+
+def test_yaml_errors_are_one_line_and_large_files_are_refused_unread(tmp_path):
+    p = tmp_path / "multi.yaml"
+    p.write_text("name: t\n---\nname: u\n")
+    r = runner.invoke(main, ["recipe", "check", str(p)])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and r.output.startswith("error:"), r.output
+    big = tmp_path / "big.yaml"
+    with open(big, "w") as f:
+        f.truncate(500 << 20)   # sparse: nothing is read
+    with pytest.raises(RecipeError, match="524,288,000 bytes is not a recipe"):
+        load_recipe(str(big))
+
+
+def test_integers_are_yaml_1_2(tmp_path):
+    """`tokens: 010000` was the octal 4096 (YAML 1.1); `1:08:16` (base 60) too. YAML 1.2 reads
+    010000 as ten thousand and the others as text (refused where a number is needed)."""
+    p = tmp_path / "n.yaml"
+    p.write_text(pathlib.Path(write(tmp_path, base())).read_text().replace("tokens: 1024", "tokens: 010000"))
+    assert load_recipe(str(p)).eval["tokens"] == 10000
+    p.write_text(pathlib.Path(write(tmp_path, base())).read_text().replace("tokens: 1024", "tokens: 1:08:16"))
+    with pytest.raises(RecipeError, match="eval: 'tokens' must be int, got '1:08:16'"):
+        load_recipe(str(p))
+    from rwkvtools.recipes import _Loader
+    assert yaml.load("[0o17, 0x1F, -3, +4, 1e-3, .inf]", Loader=_Loader) == [15, 31, -3, 4, 0.001, float("inf")]
