@@ -151,14 +151,21 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def expand(value: str, base_dir: str) -> str:
-    """${VAR} / ${VAR:-default} from the environment; relative paths are relative to the recipe."""
+    """${VAR} / ${VAR:-default} from the environment; a relative path is relative to the recipe
+    file, except one that starts with a variable set in the environment (a value from the
+    user's shell, relative to where the command runs). A ${VAR} that is not set and has no
+    default is refused (it silently became '', e.g. no evaluation text: the packaged one)."""
     def sub(m):
-        return os.environ.get(m.group(1), m.group(2) if m.group(2) is not None else "")
+        v = os.environ.get(m.group(1))
+        if v is None and m.group(2) is None:
+            raise RecipeError(f"'{value}': the environment variable {m.group(1)} is not set (write "
+                              f"${{{m.group(1)}:-default}} to give a default)")
+        return v if v is not None else m.group(2)
     out = _VAR.sub(sub, value)
-    if out and not os.path.isabs(out):
-        cand = os.path.normpath(os.path.join(base_dir, out))
-        if os.path.exists(cand) or not os.path.exists(out):
-            return cand
+    first = _VAR.match(value)
+    from_shell = first is not None and os.environ.get(first.group(1)) is not None
+    if out and not os.path.isabs(out) and not from_shell:
+        return os.path.normpath(os.path.join(base_dir, out))
     return out
 
 
@@ -273,6 +280,15 @@ def _check_eval(path: str, ev: dict) -> None:
 
 def load_recipe(path: str) -> Recipe:
     """Parse and validate a recipe file; every error names the step, the option and what is allowed."""
+    try:
+        return _load_recipe(path)
+    except RecipeError as e:  # every message starts with the recipe's path
+        if str(e).startswith(str(path)):
+            raise
+        raise RecipeError(f"{path}: {e}") from None
+
+
+def _load_recipe(path: str) -> Recipe:
     try:
         if os.path.isfile(path) and os.path.getsize(path) > MAX_RECIPE_BYTES:
             raise RecipeError(f"{path}: {os.path.getsize(path):,} bytes is not a recipe (a recipe is a page of "
@@ -394,7 +410,33 @@ def check_inputs(recipe: Recipe, model: str | None = None) -> None:
     missing = [f"{label} {p}" for label, p in input_files(recipe, model) if not os.path.exists(p)]
     if missing:
         raise RecipeError(f"{recipe.path}: not found: {'; '.join(missing)}")
+    _check_eval_text(recipe, model or recipe.model)
     check_chain(recipe, model)
+
+
+def _check_eval_text(recipe: Recipe, src: str | None) -> None:
+    """The recipe's evaluation text scores the source model (read as every stage will be: the
+    recipe's tokenizer, encoding and budget): a folder, an empty or binary text, a tokenizer that
+    cannot be used or one whose ids the model does not have were found only when the run began."""
+    from .io import is_onnx_file, read_checkpoint
+    from .spec import detect
+    from .transforms import prepare_for_model
+    from .validate import text_tokens
+    ev = recipe.eval
+    if not src or is_onnx_file(src):
+        return
+    where = f"{recipe.path}: eval text {ev.get('text') or '(packaged held-out text)'}"
+    try:
+        vocab = detect(prepare_for_model(read_checkpoint(src)).tensors).vocab
+        ids = text_tokens(ev.get("text"), vocab, "heldout", ev.get("tokenizer", "auto"), ev.get("tokens", 4096),
+                          ev.get("encoding", "utf-8"))
+    except RwkvToolsError as e:
+        raise RecipeError(f"{where}: {e}") from None
+    if len(ids) < 2:
+        raise RecipeError(f"{where}: {len(ids)} token(s); perplexity needs at least 2")
+    if max(ids) >= vocab:
+        raise RecipeError(f"{where}: the {ev.get('tokenizer', 'auto')} tokenizer gives ids up to {max(ids)}, "
+                          f"the model's vocabulary has {vocab}")
 
 
 # ---------------------------------------------------------------------------- chaining steps

@@ -768,3 +768,45 @@ def test_integers_are_yaml_1_2(tmp_path):
         load_recipe(str(p))
     from rwkvtools.recipes import _Loader
     assert yaml.load("[0o17, 0x1F, -3, +4, 1e-3, .inf]", Loader=_Loader) == [15, 31, -3, 4, 0.001, float("inf")]
+
+
+def test_relative_paths_are_the_recipes_and_unset_variables_are_refused(tmp_path, monkeypatch):
+    """A relative path the recipe's folder lacks was looked up in the current folder (so a recipe
+    meant something else depending on where it ran); an unset ${VAR} became '' (no evaluation
+    text: the packaged one was scored without a word). A variable from the shell is the user's
+    path, relative to where the command runs."""
+    (tmp_path / "r").mkdir()
+    (tmp_path / "cwd.txt").write_text("hello world " * 20)
+    monkeypatch.chdir(tmp_path)
+    doc = base(eval={"text": "cwd.txt", "tokens": 64})
+    p = tmp_path / "r" / "rel.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    r = runner.invoke(main, ["recipe", "check", str(p)])
+    assert r.exit_code == 2 and f"not found: eval text {tmp_path / 'r' / 'cwd.txt'}" in r.output, r.output
+    doc["eval"]["text"] = "${RT_TEXT}"
+    p.write_text(yaml.safe_dump(doc))
+    monkeypatch.delenv("RT_TEXT", raising=False)
+    with pytest.raises(RecipeError, match=r"rel.yaml: '\$\{RT_TEXT\}': the environment variable RT_TEXT is not set"):
+        load_recipe(str(p))
+    monkeypatch.setenv("RT_TEXT", "cwd.txt")
+    assert load_recipe(str(p)).eval["text"] == "cwd.txt"
+    r = runner.invoke(main, ["recipe", "check", str(p)])
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("ev,match", [
+    ({"text": str(DATA)}, "is a folder"),
+    ({"text": "EMPTY"}, "0 token\\(s\\); perplexity needs at least 2"),
+    ({"text": "BINARY"}, "not UTF-8 text"),
+    ({"tokenizer": "neox"}, "20B_tokenizer.json"),
+    ({"tokenizer": "world"}, "outside the model's vocab 256"),
+])
+def test_check_refuses_an_evaluation_text_the_run_cannot_score(tmp_path, ev, match):
+    """`recipe check` said ok; `run` failed when it measured the source."""
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bin.txt").write_bytes(bytes(range(128, 256)) * 20)
+    ev = {k: {"EMPTY": str(tmp_path / "empty.txt"), "BINARY": str(tmp_path / "bin.txt")}.get(v, v) for k, v in ev.items()}
+    p = write(tmp_path, base(eval={**ev, "tokens": 256}))
+    r = runner.invoke(main, ["recipe", "check", p])
+    assert r.exit_code == 2 and r.output.startswith("error:") and "internal error" not in r.output, r.output
+    assert re.search(match, r.output), r.output
