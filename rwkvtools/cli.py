@@ -21,14 +21,21 @@ class UserError(click.ClickException):
 
 
 class Stopped(click.ClickException):
-    """The run was stopped by a signal; exit code 128 + the signal's number, as a shell reports it."""
+    """The run was stopped by a signal (Ctrl-C: SIGINT; SIGTERM, SIGHUP: rwkvtools.entry); exit
+    code 128 + the signal's number, as a shell reports it (Ctrl-C: 130, not the 1 of a failed
+    gate). Outputs not finished were removed on the way out."""
 
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.exit_code = code
+    def __init__(self, signum: int):
+        import signal
+        self.signum = int(signum)
+        name = signal.Signals(self.signum).name
+        super().__init__("Aborted!" if self.signum == signal.SIGINT else
+                         f"stopped by {name} (an output not finished was removed)")
+        self.exit_code = 128 + self.signum
 
     def show(self, file=None):
-        click.echo(f"error: {self.format_message()}", err=True)
+        msg = self.format_message()
+        click.echo(msg if msg == "Aborted!" else f"error: {msg}", err=True)
 
 
 class GateFailed(click.ClickException):
@@ -52,12 +59,9 @@ def handle_errors(fn):
             raise GateFailed(str(e)) from None
         except RwkvToolsError as e:
             raise UserError(str(e)) from None
-        except Terminated as e:  # SIGTERM / SIGHUP (rwkvtools.entry): the outputs are already removed
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (Terminated): outputs already removed
             import signal
-            raise Stopped(f"stopped by {signal.Signals(e.signum).name} (an output not finished was removed)",
-                          128 + e.signum) from None
-        except KeyboardInterrupt:
-            raise click.Abort() from None
+            raise Stopped(e.signum if isinstance(e, Terminated) else signal.SIGINT) from None
         except MemoryError:
             raise UserError("out of memory; try a smaller --chunk-len or a machine with more memory") from None
         except BrokenPipeError:  # stdout's reader went away (`| head`): stop quietly, as a shell tool does

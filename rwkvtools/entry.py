@@ -28,7 +28,8 @@ def main() -> None:
         code = e.code
     except KeyboardInterrupt as e:  # before the command took over (imports, start-up)
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"\nAborted ({signal.Signals(signum).name}).", file=sys.stderr)
+        name = signal.Signals(signum).name
+        print("\nAborted!" if signum == signal.SIGINT else f"\nerror: stopped by {name}", file=sys.stderr)
         code = 128 + signum
     finally:
         # the run is over (its outputs published or removed): a late Ctrl-C or SIGTERM during the

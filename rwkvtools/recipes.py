@@ -564,14 +564,14 @@ def _invoke(args: list[str]) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             main.main(args=args, prog_name="rwkvtools", standalone_mode=False)
-        except Stopped as e:  # SIGTERM in the stage stops the whole recipe too
-            raise Terminated(e.exit_code - 128) from None
+        except Stopped as e:  # Ctrl-C or SIGTERM in the stage stops the whole recipe
+            raise Terminated(e.signum) from None
         except click.ClickException as e:
             e.show()
             code = e.exit_code
         except click.exceptions.Exit as e:
             code = e.exit_code
-        except click.Abort:  # Ctrl-C in the stage stops the whole recipe
+        except click.Abort:  # Ctrl-C in click's own parsing
             raise KeyboardInterrupt from None
     return code, out.getvalue(), err.getvalue()
 

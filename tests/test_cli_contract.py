@@ -408,7 +408,7 @@ def test_failure_at_the_rename_leaves_nothing(ws, monkeypatch, case, preexisting
     assert seen and seen[0][1], "the output was not written to a temporary path renamed onto DST"
     assert res.exit_code != 0 and "Traceback" not in res.output, res.output
     if exc is KeyboardInterrupt:
-        assert res.exit_code == 1 and "Aborted" in res.output, res.output
+        assert res.exit_code == 130 and res.output.strip() == "Aborted!", res.output
     assert snapshot(ws) == before
 
 
@@ -423,7 +423,7 @@ def test_exception_in_the_transform_leaves_nothing(ws, monkeypatch, case, exc):
         raise exc("boom")
     monkeypatch.setattr(TRANSFORM[CASES[case][0]], boom)
     res = invoke(args_for(case, ws, dst, "--force", *no_validate(case)))
-    assert res.exit_code == (1 if exc is KeyboardInterrupt else 2), res.output
+    assert res.exit_code == (130 if exc is KeyboardInterrupt else 2), res.output
     assert "Traceback" not in res.output
     assert snapshot(ws) == before
 
@@ -578,7 +578,7 @@ def test_recipe_run_failing_early_leaves_no_out_folder(ws, tmp_path):
 
 @pytest.mark.parametrize("first", ["quantize", "convert"])
 def test_recipe_run_stops_on_ctrl_c(ws, tmp_path, monkeypatch, first):
-    """Ctrl-C in a stage stops the whole recipe (exit 1, 'Aborted!'): no later stage runs, no
+    """Ctrl-C in a stage stops the whole recipe (exit 130, 'Aborted!'): no later stage runs, no
     report is written and no temporary entry is left; finished stages are kept (resume), an
     --out folder the run made and nothing finished in is removed, one the user made is kept."""
     steps = [{"quantize": {"scheme": "int8", "no-validate": True}}, {"convert": {"no-validate": True}}]
@@ -589,14 +589,14 @@ def test_recipe_run_stops_on_ctrl_c(ws, tmp_path, monkeypatch, first):
     monkeypatch.setattr("rwkvtools.transforms.quantize.apply", interrupted)
     out = tmp_path / "out"
     res = invoke(["recipe", "run", r, "--out", out])
-    assert res.exit_code == 1 and "Aborted" in res.output, res.output
+    assert res.exit_code == 130 and "Aborted" in res.output, res.output
     if first == "convert":
         assert sorted(os.listdir(out)) == ["01-convert.json", "01-convert.report.json", "01-convert.safetensors"]
         return
     assert not out.exists()  # the run made it, nothing finished in it: removed
     out.mkdir()  # a folder the user made is never removed
     res = invoke(["recipe", "run", r, "--out", out])
-    assert res.exit_code == 1 and "Aborted" in res.output, res.output
+    assert res.exit_code == 130 and "Aborted" in res.output, res.output
     assert out.is_dir() and os.listdir(out) == []
 
 
@@ -863,7 +863,7 @@ def test_signal_to_the_command_at_the_rename_leaves_nothing(tmp_path, sig, force
                                    ["init", ws / "out.safetensors", *INIT, *(["--force"] if forced else [])])
     assert "Traceback" not in err and "Exception ignored" not in err, err
     if sig == "SIGINT":
-        assert rc == 1 and "Aborted" in err, (rc, err)
+        assert rc == 130 and err.strip() == "Aborted!", (rc, err)
     else:
         import signal
         assert rc == 128 + getattr(signal, sig) and f"error: stopped by {sig}" in err, (rc, err)
@@ -878,7 +878,7 @@ def test_signal_during_start_up_prints_no_traceback(tmp_path, sig):
     KeyboardInterrupt traceback: the entry point handles it before the command exists."""
     import signal
     rc, out, err = _run_and_signal(tmp_path, "start-up", sig, ["--version"])
-    assert "Traceback" not in err and "Aborted" in err and sig in err, err
+    assert "Traceback" not in err and err.strip() == ("Aborted!" if sig == "SIGINT" else f"error: stopped by {sig}"), err
     assert rc == 128 + getattr(signal, sig) and out == ""
 
 
