@@ -38,7 +38,7 @@ from .errors import RwkvToolsError
 
 # step kind -> (CLI command, output extension or None, metrics it provides beyond ppl/size)
 STEP_KINDS = {
-    "convert": ("convert", None, ()),
+    "convert": ("convert", None, ("logit_drift",)),
     "lowrank": ("lowrank", ".safetensors", ("logit_drift",)),
     "recursive": ("recursive", ".safetensors", ("logit_drift",)),
     "heal": ("heal", ".safetensors", ("logit_drift",)),
@@ -371,6 +371,8 @@ def _load_recipe(path: str) -> Recipe:
             _check_step(where if sweep is None else f"{where} sweep {sweep[0]}={v}", cmd, kind,
                         opts if sweep is None else {**opts, sweep[0]: v}, ev)
         provided = {"ppl_increase_pct", "size_reduction", *STEP_KINDS[kind][2]}
+        if _option(opts, "no-validate") is True:  # the command's check, which measures the drift, is off
+            provided.discard("logit_drift")
         gates = _check_gates(where, s.get("gates"), provided)
         steps.append(Step(i, kind, dict(opts), gates, sweep))
     overall = _check_gates(f"{path}: gates", raw.get("gates"), {"ppl_increase_pct", "size_reduction"})
@@ -723,7 +725,10 @@ def _label_value(v) -> str:
     """A sweep value as part of a stage's file name: a path by its base name, and nothing that
     would make a folder or a hidden name."""
     text = os.path.basename(str(v).rstrip("/\\")) or str(v)
-    return re.sub(r"[^A-Za-z0-9._+=-]", "_", text).lstrip(".") or "_"
+    label = re.sub(r"[^A-Za-z0-9._+=-]", "_", text).lstrip(".") or "_"
+    if len(label) > 40:  # a file name has at most 255 bytes: a long value is cut, its hash keeps it apart
+        label = label[:31] + "-" + hashlib.sha256(str(v).encode()).hexdigest()[:8]
+    return label
 
 
 def _measure(path: str, ev: dict) -> dict:

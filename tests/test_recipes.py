@@ -810,3 +810,23 @@ def test_check_refuses_an_evaluation_text_the_run_cannot_score(tmp_path, ev, mat
     r = runner.invoke(main, ["recipe", "check", p])
     assert r.exit_code == 2 and r.output.startswith("error:") and "internal error" not in r.output, r.output
     assert re.search(match, r.output), r.output
+
+
+def test_gates_a_step_can_measure(tmp_path):
+    """max_logit_drift on a step with no-validate passed check and failed every run ('was not
+    measured'); on convert, which measures it, check refused it."""
+    doc = base(steps=[{"quantize": {"scheme": "int8", "no-validate": True}, "gates": {"max_logit_drift": 100}}])
+    with pytest.raises(RecipeError, match="gate 'max_logit_drift' needs the metric 'logit_drift', which this step"):
+        load_recipe(write(tmp_path, doc))
+    doc = base(eval={"tokens": 256}, steps=[{"convert": {}, "gates": {"max_logit_drift": 1e-6}}])
+    rep = _run_json(write(tmp_path, doc), tmp_path / "out")
+    assert rep["stages"][1]["logit_drift"] == 0 and rep["stages"][1]["gates"][0]["passed"] is True
+
+
+def test_long_sweep_values_make_short_distinct_stage_names():
+    """A sweep value of 300 characters became a 300-character file name: an internal error
+    (File name too long) when the stage ran."""
+    from rwkvtools.recipes import _label_value
+    a, b = _label_value("a" * 300), _label_value("a" * 299 + "b")
+    assert len(a) <= 40 and len(b) <= 40 and a != b and a.startswith("a" * 31)
+    assert _label_value("0.32") == "0.32" and _label_value("/x/cal.txt") == "cal.txt"
