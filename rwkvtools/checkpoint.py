@@ -76,12 +76,14 @@ RNN_RESERVED = "_parallel."
 def param_count(tensors: Mapping, name: str) -> int:
     """Model parameters a stored tensor holds: a quantized linear counts its logical (out x in)
     weights however packed (int4: two per stored byte), and its scales and zero points are
-    storage, not parameters; so are the RNN form's reserved tensors (RNN_RESERVED); any other
-    tensor counts its elements. So bits per weight (8 x bytes / parameters) compare across
+    storage, not parameters; so are the RNN form's reserved tensors (RNN_RESERVED) and integer
+    index tensors (recursive's shared.map); any other tensor counts its elements. So bits per weight (8 x bytes / parameters) compare across
     float, int8 and int4 files, and both forms of a model count the same parameters."""
     if name.startswith(RNN_RESERVED):
         return 0
     prefix, _, suffix = name.rpartition(".")
+    if suffix not in ("weight_int8", "weight_int4") and not tensor_dtype(tensors, name).is_floating_point:
+        return 0   # an index (a recursive model's layer -> block map), not a parameter
     if suffix in ("weight_scale", "weight_zero") and (
             f"{prefix}.weight_int8" in tensors or f"{prefix}.weight_int4" in tensors):
         return 0

@@ -69,7 +69,8 @@ def format_description(info: dict) -> str:
             opts = ", ".join(f"{k}={v}" for k, v in (h.get("options") or {}).items())
             lines.append(f"  {i}. {h.get('transform')}({opts})")
     else:
-        lines.append("history     (none: not written by rwkvtools)")
+        lines.append("history     (none recorded: the file carries no rwkvtools manifest; a plain .pth, "
+                     "rwkv.cpp file or another tool's file has none)")
     return "\n".join(lines)
 
 

@@ -980,3 +980,25 @@ def test_metadata_of_the_wrong_type_is_a_clear_error(tmp_path, small_gguf, key, 
         return
     with pytest.raises(FormatError, match=key.replace(".", r"\.")):
         read_checkpoint(str(p))
+
+
+def test_convert_quant_reports_every_tensor_type_and_demotion(tmp_path):
+    """convert --quant Q4_K said 'dtype unchanged' and its JSON had no tensor types or fallbacks,
+    though 60 of the v7 fixture's 72 matrices were written as Q5_0 (rows of 64: no 256-wide
+    K-quant super-block), which the README says the report lists."""
+    from collections import Counter
+
+    from click.testing import CliRunner
+
+    from rwkvtools.cli import main
+    from conftest import fixture_path
+    out = tmp_path / "q.gguf"
+    r = CliRunner().invoke(main, ["convert", fixture_path("tiny-rwkv-7v0-834K.pth"), str(out), "--quant", "Q4_K",
+                                  "--json", "--no-validate"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    _, _, tensors, _ = _reader_fields(out)
+    assert rep["tensor_types"] == dict(Counter(t for _, t in tensors.values()))
+    demoted = {f["tensor"]: f["written"] for f in rep["fallbacks"]}
+    assert demoted and demoted == {n: t for n, (_, t) in tensors.items() if t not in ("F32", "Q4_K")}
+    assert all(f["wanted"] == "Q4_K" for f in rep["fallbacks"]) and rep["dtype"] == "Q4_K blocks"

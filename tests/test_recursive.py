@@ -448,3 +448,19 @@ def test_cli_options_nothing_uses_are_refused(tmp_path, extra, match):
                                   *extra, "--no-validate"])
     assert r.exit_code == 2 and f"error: {match}" in r.output, r.output
     assert not dst.exists()
+
+
+def test_inspect_counts_unique_parameters_not_the_layer_map(tmp_path):
+    """inspect counted the int64 layer -> block map as parameters (928,524 against the recursive
+    summary's 928,512 unique parameters for the README's rec6 example)."""
+    from rwkvtools.cli import main
+    from rwkvtools.io.writers import write_checkpoint
+    src, dst = tmp_path / "m.safetensors", tmp_path / "r.safetensors"
+    write_checkpoint(_ck("7", n_layer=4), str(src))
+    r = CliRunner().invoke(main, ["recursive", str(src), str(dst), "--blocks", "2", "--lora-rank", "2",
+                                  "--no-validate", "--json"])
+    assert r.exit_code == 0, r.output
+    unique = json.loads(r.stdout)["unique_params"]
+    r = CliRunner().invoke(main, ["inspect", str(dst), "--json"])
+    info = json.loads(r.stdout)
+    assert info["parameters"]["total"] == unique

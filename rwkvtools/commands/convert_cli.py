@@ -125,6 +125,13 @@ def _summary_lines(report: dict) -> list[str]:
     lines = [f"{report['source_format']} ({report['form_before']}) -> {report['format']} ({report['form_after']}), "
              f"RWKV v{report['version']}, {report['params']:,} parameters, dtype {report['dtype']}",
              f"{report['bytes_src']:,} -> {report['bytes_dst']:,} bytes in {report['seconds']:.2f} s"]
+    if report.get("tensor_types"):
+        lines.append("tensor types: " + ", ".join(f"{t} x{n}" for t, n in sorted(report["tensor_types"].items())))
+    fb = report.get("fallbacks") or []
+    if fb:
+        kinds = sorted({f"{f['wanted']} -> {f['written']}" for f in fb})
+        lines.append(f"demoted: {len(fb)} tensors ({', '.join(kinds)}: rows not a multiple of the block; "
+                     "see 'fallbacks' in --json)")
     if tc:
         if tc["max_abs_diff"] == 0:
             lines.append(f"tensors: all {tc['compared']} read back identical")

@@ -31,10 +31,12 @@ def format_from_path(path: str) -> str:
                       "(Hugging Face), or give the format (convert --format)")
 
 
-def write_checkpoint(ckpt: Checkpoint, path: str, format: str | None = None, **options) -> str:
+def write_checkpoint(ckpt: Checkpoint, path: str, format: str | None = None, writer_report: dict | None = None,
+                     **options) -> str:
     """Write ``ckpt`` to ``path`` in ``format`` (default: from the extension: .pth, .safetensors,
     .bin = rwkv.cpp, .gguf, no extension = Hugging Face folder). ``options`` go to the format's
-    writer (rwkvcpp: data_type, blocks, base_type, version; gguf: its own; all: progress)."""
+    writer (rwkvcpp: data_type, blocks, base_type, version; gguf: its own; all: progress).
+    ``writer_report``: filled with what the writer reports (GGUF: tensor types, fallbacks)."""
     fmt = format or format_from_path(path)
     options = check_writer_options(fmt, options)
     if fmt == "pth":
@@ -55,7 +57,9 @@ def write_checkpoint(ckpt: Checkpoint, path: str, format: str | None = None, **o
             from .gguf_io import write_gguf
         except ImportError:
             raise RwkvToolsError("writing GGUF is not available in this build") from None
-        write_gguf(ckpt, path, **options)
+        rep = write_gguf(ckpt, path, **options)
+        if writer_report is not None:
+            writer_report.update({k: rep[k] for k in ("tensor_types", "fallbacks") if k in rep})
     else:
         raise RwkvToolsError(f"unknown output format '{fmt}'; known: {', '.join(WRITABLE)}")
     return fmt

@@ -210,11 +210,14 @@ def convert(src_path: str, dst_path: str, to: str | None = None, format: str | N
                  **({"quant": options["quant"], "method": "rtn"} if options.get("quant") else {})}  # its history
         ck = ck.with_tensors(ck.tensors, {"transform": "convert", "options": lossy})
     options["progress"] = progress
-    write_checkpoint(ck, dst_path, fmt, **options)
+    written: dict = {}
+    write_checkpoint(ck, dst_path, fmt, writer_report=written, **options)
     dt = time.perf_counter() - t0
     return {"src": src_path, "dst": dst_path, "format": fmt, "version": spec.version,
             "form_before": src_form, "form_after": target_form,
-            "dtype": dtype or options.get("data_type") or "unchanged",
+            "dtype": (f"{options['quant']} blocks" if options.get("quant") else None) or dtype
+            or options.get("data_type") or "unchanged",
+            **written,   # GGUF: every tensor type written, and each demotion of a --quant type
             "tensors": len(ck.tensors), "params": _written_params(dst_path, fmt, ck),
             "bytes_src": _size(src_path), "bytes_dst": _size(dst_path), "seconds": dt,
             "source_format": (src.manifest.get("source_format") or {}).get("format", _sniff(src_path))}
