@@ -155,7 +155,35 @@ def _dtype(name: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _one_line(e: click.UsageError) -> UserError:
+    """Click's usage error (a missing or bad option, an unknown command) as the one `error:` line
+    every other user error is, with where to look (Click printed three lines: usage, hint, error)."""
+    sub = (e.ctx.command_path.split(" ", 1)[1:] if e.ctx is not None else [])   # the program is rwkvtools
+    where = " ".join(["rwkvtools", *sub])
+    return UserError(f"{e.format_message()} (see '{where} --help')")
+
+
+class RwkvGroup(click.Group):
+    """The command group: usage errors of the group and of every command below it in one line."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
+
+@click.group(cls=RwkvGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="rwkvtools")
 @click.option("-v", "--verbose", is_flag=True, help="Log which backends and kernels are used.")
 def main(verbose):

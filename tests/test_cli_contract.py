@@ -901,3 +901,21 @@ def test_stdout_reader_gone_is_a_quiet_stop(tmp_path, command):
     assert p.wait() == 141 and err == "", err
     if command == "convert":
         assert read_checkpoint(str(tmp_path / "o.pth")).num_params() == read_checkpoint(str(src)).num_params()
+
+
+@pytest.mark.parametrize("args,words", [
+    (["eval", "m.pth"], ["Missing option '--text'", "(see 'rwkvtools eval --help')"]),
+    (["lowrank", "a", "b", "--rank", "nan"], ["'--rank'", "must be a finite number"]),
+    (["eval", "m.pth", "--text", "t", "--encoding", "bogus"], ["'--encoding'"]),
+    (["frob"], ["No such command 'frob'", "(see 'rwkvtools --help')"]),
+    (["recipe", "run"], ["Missing argument 'RECIPE_FILE'", "(see 'rwkvtools recipe run --help')"]),
+    (["--bogus"], ["No such option '--bogus'"]),
+])
+def test_usage_errors_are_one_error_line(args, words):
+    """Click's usage errors (a missing option, a bad value, an unknown command) printed three
+    lines (usage, hint, 'Error: ...'); every other user error is one 'error:' line."""
+    res = invoke(args)
+    assert res.exit_code == 2, res.output
+    assert res.output.count("\n") == 1 and res.output.startswith("error: "), res.output
+    for w in words:
+        assert w in res.output, res.output
