@@ -700,6 +700,7 @@ def _run_steps(recipe: Recipe, src: str, out_dir: str, base: dict, ev: dict, t0:
     stamped = final is not None and final is not base and _stamp_recipe(final["path"], recipe)
     if stamped:  # never the source model itself (a recipe of eval steps only); judged as it is now
         _restamped(final)
+        log(f"{final['stage']}: the recipe stored in its manifest: {final['bytes']:,} bytes")
         if final.get("key"):
             from .io.atomic import write_json
             write_json(os.path.join(out_dir, final["stage"] + ".json"), {**final, "resumed": False})

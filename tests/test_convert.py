@@ -1069,3 +1069,14 @@ def test_hf_config_torch_dtype_is_the_matrices_dtype(tmp_path, dtype, name):
     r = CliRunner().invoke(main, args + (["--dtype", dtype] if dtype else []))
     assert r.exit_code == 0, r.output
     assert json.loads((dst / "config.json").read_text())["torch_dtype"] == name
+
+
+@pytest.mark.parametrize("fmt,args", [("q.gguf", ["--writer-option", "quant=Q8_0", "--quant", "Q4_0"]),
+                                      ("q.bin", ["--writer-option", "data_type=FP16", "--rwkvcpp-type", "Q5_1"])])
+def test_the_same_setting_given_twice_is_refused(tmp_path, fmt, args):
+    """--writer-option quant=Q8_0 with --quant Q4_0 wrote Q4_0 and ignored the other silently."""
+    src = tmp_path / "m.safetensors"
+    write_checkpoint(random_checkpoint("7", n_layer=1, n_embd=64, vocab=256, head_size=16, seed=1), str(src))
+    r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / fmt), *args, "--no-validate"])
+    assert r.exit_code == 2 and "set the same thing; give one" in r.output, r.output
+    assert not (tmp_path / fmt).exists()

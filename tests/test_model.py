@@ -329,3 +329,22 @@ def test_an_empty_dimension_is_refused(version):
     with pytest.raises(SpecError, match="vocab 0: an empty model"):
         detect(t)
     assert detect(ck.tensors).vocab == 64
+
+
+def test_state_of_another_dtype_or_kind_and_bad_batch_size_are_value_errors():
+    """A float64 state gave torch's 'expected m1 and m2 to have the same dtype' from deep inside,
+    init_state(-1) torch's RuntimeError, a state of lists an AttributeError."""
+    from rwkvtools.random_init import random_checkpoint
+    from rwkvtools.model import build_model
+    m = build_model(random_checkpoint("7", n_layer=1, n_embd=32, vocab=64, head_size=16, seed=1))
+    st = m.init_state(1)
+    toks = torch.tensor([[1, 2]])
+    with pytest.raises(ValueError, match=r"state\['.*'\] is torch.float64, this model keeps it in torch.float32"):
+        m(toks, {k: v.double() for k, v in st.items()})
+    with pytest.raises(ValueError, match=r"must be a tensor, got list"):
+        m(toks, {k: v.tolist() for k, v in st.items()})
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="batch_size must be a whole number >= 0"):
+            m.init_state(bad)
+    out, st2 = m(toks, st)   # the right state still works, and its output state is accepted again
+    assert m(toks, st2)[0].shape == out.shape

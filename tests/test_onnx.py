@@ -920,6 +920,9 @@ def test_onnx_model_bad_calls_are_clear_value_errors(tmp_path, tiny_models):
             om(tokens, state)
     logits, _ = om(torch.tensor([[1, om.vocab - 1]], dtype=torch.int32))
     assert tuple(logits.shape) == (1, 2, om.vocab)
+    for bad in (-1, 1.5):   # was torch's RuntimeError from zeros()
+        with pytest.raises(ValueError, match="batch_size must be a whole number >= 0"):
+            om.init_state(bad)
 
 
 def test_eval_of_an_fp16_export_refuses_another_dtype_given(tmp_path):

@@ -669,6 +669,8 @@ def test_size_figures_and_gates_are_of_the_stamped_file(tmp_path):
         assert rep["overall"]["size_reduction"] == pytest.approx(1 - size / os.path.getsize(src))
         assert rep["passed"] is False and st["gates"][0]["passed"] is False
     assert again["stages"][1]["resumed"] is True
+    r = runner.invoke(main, ["recipe", "run", p, "--out", str(tmp_path / "out2")])
+    assert f"01-quantize: the recipe stored in its manifest: {(tmp_path / 'out2' / '01-quantize.safetensors').stat().st_size:,} bytes" in r.output, r.output
 
 
 def test_resume_runs_a_stage_again_when_its_output_was_replaced(tmp_path):

@@ -73,6 +73,10 @@ def check_options(dst, opts, given=frozenset()):
     fmt = opts.get("fmt") or format_from_path(dst)
     check_form(fmt, opts.get("to"), opts.get("rescale_every"))
     options = check_writer_options(fmt, _writer_options(opts.get("writer_opts") or ()), from_cli=True)
+    for flag, key, name in (("quant", "quant", "--quant"), ("cpp_type", "data_type", "--rwkvcpp-type")):
+        if opts.get(flag) and key in options:  # the same setting twice: one of them would be ignored
+            raise UserError(f"{name} {opts[flag]} and --writer-option {key}={options[key]} set the same thing; "
+                            "give one")
     if opts.get("quant"):
         if fmt != "gguf":
             raise UserError("--quant applies to GGUF output (.gguf or --format gguf); for rwkv.cpp use --rwkvcpp-type")

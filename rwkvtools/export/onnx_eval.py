@@ -166,6 +166,8 @@ class OnnxModel:
     def init_state(self, batch_size: int = 1) -> dict[str, torch.Tensor]:
         """The empty state: zeros of every state tensor, stacked over layers as the reference
         model keeps it."""
+        from ..model.common import check_batch_size
+        check_batch_size(batch_size)
         return {n: torch.zeros([batch_size if d == "batch" else int(d) for d in shp], dtype=torch.float32)
                 for n, shp in self.states}
 

@@ -19,7 +19,7 @@ LN_EPS = 1e-5
 GN_EPS = 64e-5  # official v5/v6/v7 group-norm eps (= GN(y/8, 1e-5)); rwkv.cpp uses 1e-5 for v5
 
 
-def check_call(tokens, state, vocab: int, shapes: dict) -> torch.Tensor:
+def check_call(tokens, state, vocab: int, shapes: dict, dtypes: dict | None = None, device=None) -> torch.Tensor:
     """A forward call's inputs as a model needs them, else a ValueError saying what is wrong (not
     an IndexError or a shape mismatch from deep inside): ``tokens`` integer ids (batch, time),
     time >= 1, each in [0, vocab); ``state``, when given, exactly the model's state tensors at
@@ -42,10 +42,23 @@ def check_call(tokens, state, vocab: int, shapes: dict) -> torch.Tensor:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"state must be a dict of {sorted(shapes)}, got {got}")
         for k, shp in shapes.items():
+            if not hasattr(state[k], "shape"):
+                raise ValueError(f"state['{k}'] must be a tensor, got {type(state[k]).__name__}")
             if tuple(state[k].shape) != tuple(shp):
                 raise ValueError(f"state['{k}'] has shape {tuple(state[k].shape)}, this model expects {tuple(shp)} "
                                  f"for a batch of {tokens.shape[0]} (init_state(batch_size) makes an empty one)")
+            if dtypes is not None and state[k].dtype != dtypes[k]:
+                raise ValueError(f"state['{k}'] is {state[k].dtype}, this model keeps it in {dtypes[k]} "
+                                 "(init_state makes an empty one)")
+            if device is not None and state[k].device != device:
+                raise ValueError(f"state['{k}'] is on {state[k].device}, the model on {device}")
     return tokens
+
+
+def check_batch_size(batch_size) -> None:
+    """init_state's batch size: a whole number >= 0, else one ValueError (not torch's error)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+        raise ValueError(f"batch_size must be a whole number >= 0, got {batch_size!r}")
 
 
 def token_shift(xx: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
@@ -142,12 +155,13 @@ class RWKV(nn.Module):
 
     def init_state(self, batch_size: int = 1) -> dict[str, torch.Tensor]:
         """The empty state: all zeros for every version (v4's bb == 0 marks 'nothing seen')."""
+        check_batch_size(batch_size)
         dev = self.emb.device
-        out = {}
-        for k, shp in self.state_shapes(batch_size).items():
-            dt = torch.float32 if k not in ("att_x", "ffn_x") else self.dtype
-            out[k] = torch.zeros(shp, dtype=dt, device=dev)
-        return out
+        return {k: torch.zeros(shp, dtype=self._state_dtype(k), device=dev)
+                for k, shp in self.state_shapes(batch_size).items()}
+
+    def _state_dtype(self, name: str) -> torch.dtype:
+        return torch.float32 if name not in ("att_x", "ffn_x") else self.dtype
 
     # ---------------------------------------------------------------------------- forward
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -157,7 +171,9 @@ class RWKV(nn.Module):
         """Final hidden states after ln_out (B, T, C) and the new state."""
         if not isinstance(tokens, torch.Tensor):
             tokens = torch.as_tensor(tokens, device=self.emb.device)
-        tokens = check_call(tokens, state, self.spec.vocab, self.state_shapes(tokens.shape[0] if tokens.dim() else 0))
+        shapes = self.state_shapes(tokens.shape[0] if tokens.dim() else 0)
+        tokens = check_call(tokens, state, self.spec.vocab, shapes, {k: self._state_dtype(k) for k in shapes},
+                            self.emb.device)
         B = tokens.shape[0]
         if state is None:
             state = self.init_state(B)
