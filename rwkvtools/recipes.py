@@ -457,6 +457,10 @@ def _option(opts: dict, name: str, default=None):
     return opts.get(name, opts.get(name.replace("-", "_"), default))
 
 
+UNKNOWN = "unknown"   # the source's form, when `recipe check` has no model to read: no step is refused
+# for what the source might lack (a heal of LoRA or low-rank factors), only for what earlier steps made
+
+
 def _step_refusal(kind: str, opts: dict, forms: set[str]) -> str | None:
     """Why the step's command would refuse a model of these forms (the reason its own error
     gives), or None. tests/test_recipes.py runs every command on every form to hold this to them."""
@@ -477,7 +481,7 @@ def _step_refusal(kind: str, opts: dict, forms: set[str]) -> str | None:
             return "rwkv.cpp files hold dense matrices, and its input is low-rank (merge it first, or write GGUF)"
     if kind == "heal" and "quantized" in forms:
         return "heal trains float tensors, and its input's linears are int8/int4 (heal before quantize)"
-    if kind == "heal" and not forms & {"lowrank", "recursive"} and not set(
+    if kind == "heal" and not forms & {"lowrank", "recursive", UNKNOWN} and not set(
             str(_option(opts, "train", "auto")).split(",")) & {"all", "shared"}:
         return "heal trains LoRA or low-rank factors (or --train all), and its input has neither"
     if kind == "convert":
@@ -504,7 +508,7 @@ def _forms_after(kind: str, opts: dict, forms: set[str]) -> set[str]:
     if kind == "export-onnx":
         return {"onnx"}
     if ext in (".gguf", ".bin"):  # written dense (GGUF densifies); read back dense
-        return forms - {"quantized", "lowrank"}
+        return forms - {"quantized", "lowrank", UNKNOWN}
     if kind == "lowrank":
         return forms - {"lowrank"} if merge else forms | {"lowrank"}
     if kind == "recursive":
@@ -519,7 +523,7 @@ def check_chain(recipe: Recipe, model: str | None = None) -> None:
     after quantize, recursive after lowrank, ... are refused now, not after the earlier stages
     ran). Starts from the source model's form when it is there to read."""
     src = model or recipe.model
-    forms = _forms_of_file(src) if src and os.path.exists(src) else set()
+    forms = _forms_of_file(src) if src and os.path.exists(src) else {UNKNOWN}   # no model given: any form
     for step in recipe.steps:
         values = step.sweep[1] if step.sweep else [None]
         for v in values:

@@ -832,3 +832,18 @@ def test_long_sweep_values_make_short_distinct_stage_names():
     a, b = _label_value("a" * 300), _label_value("a" * 299 + "b")
     assert len(a) <= 40 and len(b) <= 40 and a != b and a.startswith("a" * 31)
     assert _label_value("0.32") == "0.32" and _label_value("/x/cal.txt") == "cal.txt"
+
+
+def test_check_without_a_model_refuses_only_what_the_steps_make(tmp_path):
+    """A recipe without a model (given by --model at run time) whose step is a heal of low-rank
+    factors was refused by `recipe check` as if the source were dense; it passes with a
+    low-rank --model, so check must not assume what the source lacks."""
+    doc = {"name": "t", "steps": [{"heal": {"train": "lowrank"}}]}
+    p = write(tmp_path, doc)
+    r = runner.invoke(main, ["recipe", "check", p])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["recipe", "check", p, "--model", fixture_path("tiny-rwkv-5v2-730K-FP32.bin")])
+    assert r.exit_code == 2 and "heal trains LoRA or low-rank factors" in r.output, r.output
+    doc["steps"] = [{"quantize": {"scheme": "int8"}}, {"heal": {"train": "lowrank"}}]   # what a step made still counts
+    r = runner.invoke(main, ["recipe", "check", write(tmp_path, doc)])
+    assert r.exit_code == 2 and "heal trains float tensors" in r.output, r.output
