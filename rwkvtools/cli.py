@@ -68,7 +68,7 @@ def handle_errors(fn):
             _drop_stdout()
             raise click.exceptions.Exit(128 + 13) from None   # 141: the shell's code for SIGPIPE
         except OSError as e:
-            if e.errno not in _RESOURCE_ERRNOS:
+            if e.errno not in _RESOURCE_ERRNOS and not _short_write(e):
                 raise_internal(e)
             where = f" ({e.filename})" if e.filename else ""
             raise UserError(f"cannot write{where}: {e.strerror or e} (free disk space, or raise the file-size "
@@ -100,6 +100,12 @@ def raise_internal(e: Exception):
 
 
 _RESOURCE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
+
+
+def _short_write(e: OSError) -> bool:
+    """A writer that checks how much was written (gguf-py: 'N requested and M written') when the
+    file system took less (disk full, file-size limit) raises an OSError without an errno."""
+    return e.errno is None and "requested and" in str(e) and "written" in str(e)
 
 
 def _writer_ran_out(e: RuntimeError) -> bool:

@@ -70,7 +70,8 @@ class _Loader(yaml.SafeLoader):
     """YAML as PyYAML's safe loader reads it, but with YAML 1.2's numbers (the core schema):
     `1e-3` and `5E+2` are floats (YAML 1.1, PyYAML's default, wants a dot and read them as text,
     so a gate or an option written that way was refused); `010000` is ten thousand, not the octal
-    4096, and `1:08:16` (a base-60 number in YAML 1.1) or `0b1000` are text, as in YAML 1.2. A
+    4096, and `1:08:16` (a base-60 number in YAML 1.1) or `0b1000` are text, as in YAML 1.2
+    (digit-group underscores, `1_024`, are kept from YAML 1.1: they mean nothing else). A
     key given twice in one mapping is refused (YAML 1.1 loaders kept the last one silently)."""
 
     def construct_mapping(self, node, deep=False):
@@ -100,7 +101,7 @@ class _Loader(yaml.SafeLoader):
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in rs if tag not in (_INT, _FLOAT)]
     for first, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$"),
                               list("-+0123456789"))
 _Loader.add_implicit_resolver(
     _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
@@ -144,6 +145,15 @@ class Recipe:
     gates: dict
     steps: list[Step]
     raw: dict
+    model_unset: str = ""   # why 'model' has no value (an unset ${VAR}): refused only if --model is not given
+
+    def source(self, model: str | None = None) -> str | None:
+        """The source model: --model, else the recipe's (refused here if its ${VAR} is unset)."""
+        if model:
+            return model
+        if self.model_unset:
+            raise RecipeError(f"{self.path}: model {self.model_unset}; or pass --model")
+        return self.model
 
 
 # ------------------------------------------------------------------------------------ parsing
@@ -382,8 +392,13 @@ def _load_recipe(path: str) -> Recipe:
     for key in ("name", "description"):  # any scalar YAML reads (a date, yes/no) is text here; not a list or mapping
         if isinstance(raw.get(key), (list, dict)):
             raise RecipeError(f"{path}: '{key}' must be text, got {type(raw[key]).__name__}")
+    unset = ""
+    try:
+        model = expand(model, base) if model else None
+    except RecipeError as e:  # only an error when the run has no --model
+        model, unset = None, str(e)
     return Recipe(path, str(raw.get("name") or os.path.splitext(os.path.basename(path))[0]),
-                  str(raw.get("description") or ""), expand(model, base) if model else None, ev, overall, steps, raw)
+                  str(raw.get("description") or ""), model, ev, overall, steps, raw, unset)
 
 
 def input_files(recipe: Recipe, model: str | None = None) -> list[tuple[str, str]]:
@@ -409,6 +424,7 @@ def input_files(recipe: Recipe, model: str | None = None) -> list[tuple[str, str
 def check_inputs(recipe: Recipe, model: str | None = None) -> None:
     """The files a run reads (input_files) are there before it starts; one error lists every
     missing file. Then each step can read what the step before it writes (check_chain)."""
+    recipe.source(model)
     missing = [f"{label} {p}" for label, p in input_files(recipe, model) if not os.path.exists(p)]
     if missing:
         raise RecipeError(f"{recipe.path}: not found: {'; '.join(missing)}")
@@ -649,7 +665,7 @@ def _gate(name: str, bound: float, metrics: dict) -> dict:
 def run(recipe: Recipe, out_dir: str, model: str | None = None, log=print) -> dict:
     """Run every step; returns the report (also written to out_dir). Never raises on a failed
     gate: report['passed'] says it."""
-    src = model or recipe.model
+    src = recipe.source(model)
     if not src:
         raise RecipeError(f"{recipe.path}: no source model: set 'model' in the recipe or pass --model")
     check_inputs(recipe, src)

@@ -808,7 +808,12 @@ sys.argv = ["rwkvtools"] + sys.argv[3:]
 
 def hold():
     open(marker, "w").close()   # the test sends its signal now
-    time.sleep(120)
+    if when == "publish":
+        time.sleep(120)          # the signal interrupts the sleep (an exception where the program is)
+        return
+    t0 = time.time()             # start-up: the entry point holds the signal until the imports end
+    while not sys.modules["rwkvtools.entry"]._pending and time.time() - t0 < 120:
+        time.sleep(0.01)
 
 if when == "publish":   # the output complete in its temporary place, the rename held back
     import rwkvtools.io.atomic as atomic
@@ -830,7 +835,7 @@ main()
 '''
 
 
-def _run_and_signal(tmp_path, when, sig, args):
+def _run_and_signal(tmp_path, when, sig, args, ignored=()):
     import signal
     import subprocess
     import sys
@@ -838,13 +843,19 @@ def _run_and_signal(tmp_path, when, sig, args):
     driver, marker = tmp_path / "driver.py", tmp_path / "marker"
     driver.write_text(DRIVER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+
+    def ignore():  # as `nohup` starts a command: the signal ignored before it runs
+        for name in ignored:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     p = subprocess.Popen([sys.executable, str(driver), str(marker), when, *map(str, args)], cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=ignore)
     t0 = time.time()
     while not marker.exists() and p.poll() is None and time.time() - t0 < 300:
         time.sleep(0.01)
     assert marker.exists(), f"the driver never reached '{when}': {p.communicate()}"
-    p.send_signal(getattr(signal, sig))
+    for name in (sig if isinstance(sig, tuple) else (sig,)):
+        p.send_signal(getattr(signal, name))
+        time.sleep(0.5)
     out, err = p.communicate(timeout=120)
     return p.returncode, out, err
 
@@ -875,7 +886,8 @@ def test_signal_to_the_command_at_the_rename_leaves_nothing(tmp_path, sig, force
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_signal_during_start_up_prints_no_traceback(tmp_path, sig):
     """Ctrl-C while the command modules were being imported (torch: a second or two) printed a
-    KeyboardInterrupt traceback: the entry point handles it before the command exists."""
+    KeyboardInterrupt traceback; a SIGTERM raised inside torch's C import code could be lost. The
+    entry point holds the signal until the imports are done, then stops with one line."""
     import signal
     rc, out, err = _run_and_signal(tmp_path, "start-up", sig, ["--version"])
     assert "Traceback" not in err and err.strip() == ("Aborted!" if sig == "SIGINT" else f"error: stopped by {sig}"), err
@@ -919,3 +931,49 @@ def test_usage_errors_are_one_error_line(args, words):
     assert res.output.count("\n") == 1 and res.output.startswith("error: "), res.output
     for w in words:
         assert w in res.output, res.output
+
+
+def test_a_signal_ignored_by_the_parent_stays_ignored(tmp_path):
+    """`nohup rwkvtools ...` died on a hangup once the entry point handled SIGHUP: a signal the
+    command was started with ignored stays ignored (here SIGHUP passes, SIGTERM then stops it)."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    rc, out, err = _run_and_signal(tmp_path, "publish", ("SIGHUP", "SIGTERM"), ["init", ws / "o.safetensors", *INIT],
+                                   ignored=("SIGHUP",))
+    assert rc == 143 and "stopped by SIGTERM" in err and "SIGHUP" not in err, (rc, err)
+    assert os.listdir(ws) == []
+
+
+@pytest.mark.parametrize("command", ["lowrank", "lowrank-merge", "heal"])
+def test_existing_dst_keeps_its_format_when_replaced(ws, command):
+    """DST's format was taken from the staged name (which does not exist yet) instead of DST: an
+    existing extensionless file became a Hugging Face folder (refused), an existing HF folder
+    with a dot in its name an unknown extension (naming the temporary path)."""
+    from rwkvtools.io import read_checkpoint as rc
+    if command == "lowrank-merge":
+        dst = ws / "RWKV-x070-0.1B-v2.8"
+        shutil.copytree(ws / "hf", dst)
+        args = ["lowrank", ws / "src.safetensors", dst, *LR, "--merge"]
+    else:
+        dst = ws / "plain"
+        shutil.copy(ws / "src.safetensors", dst)
+        args = (["lowrank", ws / "src.safetensors", dst, *LR] if command == "lowrank" else
+                ["heal", ws / "student.safetensors", dst, *HEAL, "--teacher", ws / "src.safetensors"])
+    res = invoke([*args, "--force", "--no-validate"])
+    assert res.exit_code == 0, res.output
+    assert dst.is_dir() == (command == "lowrank-merge")
+    assert rc(str(dst)).num_params() > 0
+
+
+def test_gguf_writer_out_of_space_is_a_user_error(ws, monkeypatch):
+    """gguf-py reports a short write as OSError('N requested and M written') without an errno:
+    an internal error, where every other writer's full disk is a user error."""
+    import gguf
+
+    def short(self, *a, **k):
+        raise OSError("16384 requested and 10688 written")
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", short)
+    before = snapshot(ws)
+    res = invoke(["convert", ws / "src.safetensors", ws / "o.gguf", "--no-validate"])
+    assert_user_error(res, "cannot write", "an output not finished was removed")
+    assert snapshot(ws) == before

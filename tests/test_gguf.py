@@ -1001,4 +1001,4 @@ def test_convert_quant_reports_every_tensor_type_and_demotion(tmp_path):
     assert rep["tensor_types"] == dict(Counter(t for _, t in tensors.values()))
     demoted = {f["tensor"]: f["written"] for f in rep["fallbacks"]}
     assert demoted and demoted == {n: t for n, (_, t) in tensors.items() if t not in ("F32", "Q4_K")}
-    assert all(f["wanted"] == "Q4_K" for f in rep["fallbacks"]) and rep["dtype"] == "Q4_K blocks"
+    assert all(f["wanted"] == "Q4_K" for f in rep["fallbacks"]) and rep["quant"] == "Q4_K"

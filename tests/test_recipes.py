@@ -847,3 +847,17 @@ def test_check_without_a_model_refuses_only_what_the_steps_make(tmp_path):
     doc["steps"] = [{"quantize": {"scheme": "int8"}}, {"heal": {"train": "lowrank"}}]   # what a step made still counts
     r = runner.invoke(main, ["recipe", "check", write(tmp_path, doc)])
     assert r.exit_code == 2 and "heal trains float tensors" in r.output, r.output
+
+
+def test_underscored_integers_and_an_unset_model_overridden_by_model(tmp_path, monkeypatch):
+    """`tokens: 1_024` (a YAML 1.1 digit group) became text and was refused; `model: ${VAR}` with
+    VAR unset was refused even when --model gave the source."""
+    p = tmp_path / "u.yaml"
+    p.write_text(pathlib.Path(write(tmp_path, base())).read_text().replace("tokens: 1024", "tokens: 1_024"))
+    assert load_recipe(str(p)).eval["tokens"] == 1024
+    monkeypatch.delenv("RT_MODEL", raising=False)
+    q = write(tmp_path, base(model="${RT_MODEL}"))
+    r = runner.invoke(main, ["recipe", "check", q, "--model", fixture_path("tiny-rwkv-5v2-730K-FP32.bin")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["recipe", "check", q])
+    assert r.exit_code == 2 and "RT_MODEL is not set" in r.output and "or pass --model" in r.output, r.output

@@ -157,9 +157,11 @@ def publish(dst: str, passed: bool, write, describe, title: str, opts: dict) -> 
     DST (an existing one as it was), never a DST whose report is missing. A failed gate prints the
     summary and exits 1 (the report written, DST not)."""
     from ..io.atomic import staged_output
+    from ..io.writers import format_from_path
+    fmt = format_from_path(dst)   # of DST as it is (an existing file or folder), not of the staged name
     with staged_output(dst) as staged:
         if passed:
-            write(staged)
+            write(staged, fmt)
         report, lines = describe(staged if passed else None)
         if not passed:
             print_summary(title, report, opts["as_json"], lines)

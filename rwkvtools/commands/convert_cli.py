@@ -127,7 +127,8 @@ def _convert(src, dst, to, fmt, dtype, rescale_every, cpp_type, writer_opts, pro
 def _summary_lines(report: dict) -> list[str]:
     tc = report.get("tensors_compared")
     lines = [f"{report['source_format']} ({report['form_before']}) -> {report['format']} ({report['form_after']}), "
-             f"RWKV v{report['version']}, {report['params']:,} parameters, dtype {report['dtype']}",
+             f"RWKV v{report['version']}, {report['params']:,} parameters, dtype {report['dtype']}"
+             + (f", {report['quant']} blocks" if report.get("quant") else ""),
              f"{report['bytes_src']:,} -> {report['bytes_dst']:,} bytes in {report['seconds']:.2f} s"]
     if report.get("tensor_types"):
         lines.append("tensor types: " + ", ".join(f"{t} x{n}" for t, n in sorted(report["tensor_types"].items())))

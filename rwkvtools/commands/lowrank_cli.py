@@ -104,7 +104,7 @@ def _lowrank(src, dst, opts, given=frozenset()):
     def describe(_staged):
         return _lowrank_report(src, dst, opts, passed, spec, cfg, calib, plan, before, after, t_transform, validation)
 
-    publish(dst, passed, lambda path: write_checkpoint(after, path), describe, f"lowrank {src} -> {dst}", opts)
+    publish(dst, passed, lambda path, fmt: write_checkpoint(after, path, fmt), describe, f"lowrank {src} -> {dst}", opts)
 
 
 def _lowrank_report(src, dst, opts, passed, spec, cfg, calib, plan, before, after, t_transform, validation):

@@ -178,7 +178,7 @@ def _quantize(src, dst, opts, given):
     def describe(staged):
         return _quantize_report(src, dst, opts, passed, staged, spec, cfg, p, calib, after, t_transform, validation)
 
-    publish(dst, passed, lambda path: write_quantized(after, path, progress=progress), describe,
+    publish(dst, passed, lambda path, fmt: write_quantized(after, path, progress=progress), describe,
             f"quantize {src} -> {dst}", opts)
 
 

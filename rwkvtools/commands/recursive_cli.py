@@ -115,7 +115,7 @@ def _merge_only(src, dst, src_ck, fmt, opts):
                  f"{'wrote ' + dst if passed else 'NOT written (gate failed): ' + dst}"]
         return report, lines
 
-    publish(dst, passed, lambda path: write_checkpoint(after, path, fmt), describe,
+    publish(dst, passed, lambda path, f: write_checkpoint(after, path, fmt), describe,
             f"recursive --merge {src} -> {dst}", opts)
 
 
@@ -183,7 +183,7 @@ def _recursive(src, dst, opts, given=frozenset()):
         return _recursive_report(src, dst, opts, passed, spec, cfg, calib, summary, p, before, after,
                                  checkpoint_bytes, t_transform, validation)
 
-    publish(dst, passed, lambda path: write_checkpoint(after, path, fmt), describe, f"recursive {src} -> {dst}", opts)
+    publish(dst, passed, lambda path, f: write_checkpoint(after, path, fmt), describe, f"recursive {src} -> {dst}", opts)
 
 
 def _recursive_report(src, dst, opts, passed, spec, cfg, calib, summary, p, before, after, checkpoint_bytes,
@@ -307,7 +307,7 @@ def _heal(src, dst, opts):
     def describe(_staged):
         return _heal_report(src, dst, opts, passed, cfg, train, rep, validation)
 
-    publish(dst, passed, lambda path: write_checkpoint(out, path), describe, f"heal {src} -> {dst}", opts)
+    publish(dst, passed, lambda path, fmt: write_checkpoint(out, path, fmt), describe, f"heal {src} -> {dst}", opts)
 
 
 def _heal_report(src, dst, opts, passed, cfg, train, rep, validation):

@@ -215,8 +215,8 @@ def convert(src_path: str, dst_path: str, to: str | None = None, format: str | N
     dt = time.perf_counter() - t0
     return {"src": src_path, "dst": dst_path, "format": fmt, "version": spec.version,
             "form_before": src_form, "form_after": target_form,
-            "dtype": (f"{options['quant']} blocks" if options.get("quant") else None) or dtype
-            or options.get("data_type") or "unchanged",
+            "dtype": dtype or options.get("data_type") or "unchanged",
+            **({"quant": options["quant"]} if options.get("quant") else {}),
             **written,   # GGUF: every tensor type written, and each demotion of a --quant type
             "tensors": len(ck.tensors), "params": _written_params(dst_path, fmt, ck),
             "bytes_src": _size(src_path), "bytes_dst": _size(dst_path), "seconds": dt,
