@@ -77,8 +77,9 @@ def param_count(tensors: Mapping, name: str) -> int:
     """Model parameters a stored tensor holds: a quantized linear counts its logical (out x in)
     weights however packed (int4: two per stored byte), and its scales and zero points are
     storage, not parameters; so are the RNN form's reserved tensors (RNN_RESERVED) and integer
-    index tensors (recursive's shared.map); any other tensor counts its elements. So bits per weight (8 x bytes / parameters) compare across
-    float, int8 and int4 files, and both forms of a model count the same parameters."""
+    index tensors (recursive's shared.map); any other tensor counts its elements. So bits per
+    weight (8 x bytes / parameters) compare across float, int8 and int4 files, and both forms of a
+    model count the same parameters."""
     if name.startswith(RNN_RESERVED):
         return 0
     prefix, _, suffix = name.rpartition(".")

@@ -424,12 +424,12 @@ def input_files(recipe: Recipe, model: str | None = None) -> list[tuple[str, str
 def check_inputs(recipe: Recipe, model: str | None = None) -> None:
     """The files a run reads (input_files) are there before it starts; one error lists every
     missing file. Then each step can read what the step before it writes (check_chain)."""
-    recipe.source(model)
-    missing = [f"{label} {p}" for label, p in input_files(recipe, model) if not os.path.exists(p)]
+    src = recipe.source(model)
+    missing = [f"{label} {p}" for label, p in input_files(recipe, src) if not os.path.exists(p)]
     if missing:
         raise RecipeError(f"{recipe.path}: not found: {'; '.join(missing)}")
-    _check_eval_text(recipe, model or recipe.model)
-    check_chain(recipe, model)
+    _check_eval_text(recipe, src)
+    check_chain(recipe, src)
 
 
 def _check_eval_text(recipe: Recipe, src: str | None) -> None:
@@ -662,13 +662,15 @@ def _gate(name: str, bound: float, metrics: dict) -> dict:
             "detail": f"{metric} = {v:.4g} ({'ok' if ok else 'FAIL'}: must be {op} {bound:g})"}
 
 
-def run(recipe: Recipe, out_dir: str, model: str | None = None, log=print) -> dict:
+def run(recipe: Recipe, out_dir: str, model: str | None = None, log=print, checked: bool = False) -> dict:
     """Run every step; returns the report (also written to out_dir). Never raises on a failed
-    gate: report['passed'] says it."""
+    gate: report['passed'] says it. ``checked``: the caller ran check_inputs for this model (the
+    command does, before --out is made), so the source and its text are not read twice for it."""
     src = recipe.source(model)
     if not src:
         raise RecipeError(f"{recipe.path}: no source model: set 'model' in the recipe or pass --model")
-    check_inputs(recipe, src)
+    if not checked:
+        check_inputs(recipe, src)
     ev = recipe.eval
     t0 = time.time()
     base = {"stage": "source", "step": 0, "kind": "source", "options": {}, "path": os.path.abspath(src),

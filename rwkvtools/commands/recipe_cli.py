@@ -41,7 +41,7 @@ def _check(recipe_file, model):
     from ..recipes import check_inputs, load_recipe
     r = load_recipe(recipe_file)
     check_inputs(r, model)
-    src = model or r.model
+    src = r.source(model)
     click.echo(f"{recipe_file}: ok ({len(r.steps)} steps: {', '.join(s.kind for s in r.steps)})"
                + ("" if src else "; no source model in the recipe: give one with --model when running it"))
 
@@ -69,11 +69,12 @@ def run(recipe_file, model, out_dir, as_json, summary):
 def _run(recipe_file, model, out_dir, as_json, summary):
     from ..recipes import check_inputs, load_recipe, markdown_table, run as run_recipe
     r = load_recipe(recipe_file)
-    if model or r.model:
-        check_inputs(r, model)  # before --out is made: a missing file is found now, not at its stage
-    _guard(r, model or r.model, out_dir, summary)
+    src = r.source(model)
+    if src:
+        check_inputs(r, src)  # before --out is made: a missing file is found now, not at its stage
+    _guard(r, src, out_dir, summary)
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
-    report = run_recipe(r, out_dir, model=model, log=log)
+    report = run_recipe(r, out_dir, model=src, log=log, checked=bool(src))
     table = markdown_table(report)
     if summary:
         with open(summary, "a", encoding="utf-8") as f:
@@ -96,7 +97,7 @@ def _guard(r, model, out_dir, summary) -> None:
     recipe, evaluation text, path options), and --summary is none of them."""
     from ..cli import UserError
     from ..errors import RwkvToolsError
-    from ..io.paths import within, check_place, clash
+    from ..io.paths import check_place, clash, within
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out {out_dir} is a file; give a folder for the artifacts and reports")
     if not str(out_dir).strip():

@@ -262,11 +262,11 @@ def to_rnn(ckpt: Checkpoint, rescale_every: int = 0) -> Checkpoint:
     extra: dict[str, torch.Tensor] = {}   # reserved name -> kept original or lost elements
     for name in names:
         order.append(name)
-        if name in kept:
-            extra[RESERVED + name] = kept[name]
-        if name in lost:
-            extra.update(zip(record[name]["lost"], lost[name]))
-        order += [k for k in extra if k not in order]
+        mine = ([(RESERVED + name, kept[name])] if name in kept else []) + (
+            list(zip(record[name]["lost"], lost[name])) if name in lost else [])
+        for k, t in mine:   # each right after the tensor it belongs to
+            extra[k] = t
+            order.append(k)
 
     def load(name: str) -> torch.Tensor:
         if name.startswith(RESERVED):
