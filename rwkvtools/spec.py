@@ -16,6 +16,7 @@ from .checkpoint import param_count, tensor_shape
 from .errors import SpecError
 
 VERSIONS = ("4", "5.0", "5.1", "5.2", "6", "7")
+MAX_LAYERS = 100_000  # a layer index beyond this is no model (real RWKV models have up to ~100 layers)
 
 
 @dataclass(frozen=True)
@@ -117,13 +118,21 @@ def _layers(tensors: Mapping) -> int:
     for k in tensors:
         m = pat.match(k)
         if m:
-            idx.add(int(m.group(1)))
+            d = m.group(1)
+            if len(d) > len(str(MAX_LAYERS)) or (len(d) > 1 and d[0] == "0") or int(d) >= MAX_LAYERS:
+                # read as a number only when it can be a layer (a hostile 10^9 or 5000-digit index was a
+                # range of that size, or an int() error); '01' would be a second spelling of layer 1
+                raise SpecError(f"tensor '{k[:80]}{'...' if len(k) > 80 else ''}': layer index "
+                                f"{d[:20]}{'...' if len(d) > 20 else ''} is not a layer number rwkvtools reads "
+                                f"(0 to {MAX_LAYERS - 1}, no leading zeros)")
+            idx.add(int(d))
     if not idx:
         return 0
     n = max(idx) + 1
-    missing = sorted(set(range(n)) - idx)
-    if missing:
-        raise SpecError(f"layer indices are not contiguous: blocks {missing} are missing (found {n} layers)")
+    if n > len(idx):
+        missing = [i for i in range(n) if i not in idx]
+        shown = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise SpecError(f"layer indices are not contiguous: blocks {shown} are missing (found {n} layers)")
     return n
 
 

@@ -1252,6 +1252,100 @@ def test_explicit_format_on_a_folder_or_a_missing_path_is_a_clear_error(tmp_path
         read_checkpoint(str(tmp_path / "missing.bin"), fmt)
 
 
+# ------------------------------------------------- session 12: files that read as other weights
+def _st_bytes(tensors: dict) -> bytes:
+    from safetensors.torch import save
+    return save({k: v.contiguous() for k, v in tensors.items()})
+
+
+@pytest.mark.parametrize("index", ["1000000000", "9" * 5000, "01"])
+def test_layer_index_that_is_no_layer_number_is_refused_at_once(tmp_path, index):
+    """'blocks.1000000000.*' made the layer count check build a range of 10^9 numbers (11 s,
+    4.9 GB, then 'out of memory'); a 5000-digit index was an internal error (int() limit);
+    'blocks.01.*' would be a second spelling of layer 1."""
+    from rwkvtools.random_init import random_checkpoint
+    t = dict(random_checkpoint("7", n_layer=2, n_embd=32, head_size=16, vocab=64, seed=1).tensors)
+    t[f"blocks.{index}.ln1.weight"] = t["blocks.0.ln1.weight"].clone()
+    p = tmp_path / "m.safetensors"
+    p.write_bytes(_st_bytes(t))
+    from rwkvtools.spec import detect
+    with guarded(extra_bytes=256 << 20, seconds=20):
+        with pytest.raises(RwkvToolsError, match="is not a layer number rwkvtools reads"):
+            detect(read_checkpoint(str(p)).tensors)
+
+
+def test_missing_layers_are_listed_briefly():
+    from rwkvtools.random_init import random_checkpoint
+    from rwkvtools.spec import detect
+    t = dict(random_checkpoint("7", n_layer=2, n_embd=32, head_size=16, vocab=64, seed=1).tensors)
+    t["blocks.60.ln1.weight"] = t["blocks.0.ln1.weight"].clone()
+    with pytest.raises(RwkvToolsError, match=r"blocks 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 and 48 more are missing"):
+        detect(t)
+
+
+@pytest.mark.parametrize("cut", ["all", "one byte"])
+def test_pth_zip_record_shorter_than_its_storage_is_refused(tmp_path, cut):
+    """A memory-mapped torch.load read a short record on into the records after it: 'eval' scored
+    the garbage (ppl nan, or a plausible number when one byte was missing) with exit 0."""
+    from rwkvtools.io.pth import write_pth
+    src = tmp_path / "m.pth"
+    write_pth(_ck("7", n_layer=2), str(src))
+    bad = tmp_path / "bad.pth"
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(bad, "w") as w:
+        for i in z.infolist():
+            data = z.read(i)
+            if i.filename.endswith("/data/1"):
+                data = b"" if cut == "all" else data[:-1]
+            w.writestr(i.filename, data)
+    with pytest.raises(FormatError, match=r"storage '1' holds \d+ bytes by its pickle, its zip record"):
+        read_checkpoint(str(bad))
+    assert read_checkpoint(str(src)).num_params() > 0
+
+
+def _gguf_info_pos(raw: bytes, name: str) -> int:
+    """Where the type id of tensor ``name``'s info record starts (offset follows as u64)."""
+    nb = name.encode()
+    i = raw.find(struct.pack("<Q", len(nb)) + nb)
+    j = i + 8 + len(nb)
+    nd = struct.unpack_from("<I", raw, j)[0]
+    return j + 4 + 8 * nd
+
+
+@pytest.mark.parametrize("change", ["type id", "offset"])
+def test_gguf_tensor_data_that_is_not_laid_out_in_order_is_refused(tmp_path, change):
+    """llama.cpp requires each tensor's data right after the one before (info order, padded): a
+    changed type id (F32 -> Q4_0) or an offset pointing at another tensor's data was read as that
+    data (eval: ppl nan or another model's numbers, exit 0)."""
+    from rwkvtools.io.gguf_io import parse_gguf
+    good = tmp_path / "m.gguf"
+    good.write_bytes(valid("gguf"))
+    names = list(parse_gguf(str(good)).tensors)
+    raw = bytearray(good.read_bytes())
+    if change == "type id":
+        struct.pack_into("<I", raw, _gguf_info_pos(raw, names[0]), 2)  # F32 -> Q4_0, data untouched
+    else:
+        off = struct.unpack_from("<Q", raw, _gguf_info_pos(raw, names[1]) + 4)[0]
+        struct.pack_into("<Q", raw, _gguf_info_pos(raw, names[2]) + 4, off)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(raw)
+    with pytest.raises(FormatError, match="data at offset .* expected"):
+        read_checkpoint(str(bad))
+
+
+def test_onnx_metadata_that_is_not_utf8_is_a_format_error(tmp_path):
+    """onnxruntime decodes the metadata as UTF-8 when it is asked for it: a flipped byte was an
+    internal error (UnicodeDecodeError) in inspect and eval."""
+    from rwkvtools.export.onnx_eval import OnnxModel
+    raw = bytearray(valid_onnx())
+    raw[raw.find(b'"vocab"') + 1] = 0xFF
+    p = tmp_path / "m.onnx"
+    p.write_bytes(raw)
+    with pytest.raises(FormatError, match="not UTF-8"):
+        OnnxModel(str(p))
+    r = CliRunner().invoke(__import__("rwkvtools.cli").cli.main, ["inspect", str(p)])
+    assert r.exit_code == 2 and "internal error" not in r.output and "not UTF-8" in r.output, r.output
+
+
 if __name__ == "__main__":  # an exploratory run: python tests/test_fuzz_readers.py [variants per kind] [seed]
     import sys
     import tempfile

@@ -62,7 +62,10 @@ class OnnxModel:
             self.session = ort.InferenceSession(path, so, providers=providers)
         except Exception as e:
             raise FormatError(f"{path}: onnxruntime {ort.__version__} cannot load it ({ort_reason(e)})") from None
-        raw = self.session.get_modelmeta().custom_metadata_map.get("rwkvtools")
+        try:
+            raw = self.session.get_modelmeta().custom_metadata_map.get("rwkvtools")
+        except UnicodeDecodeError:  # onnxruntime decodes every metadata key and value as UTF-8
+            raise FormatError(f"{path}: unreadable model metadata (not UTF-8 text)") from None
         if raw is None:
             raise FormatError(f"{path}: not an RWKV model exported by rwkvtools (no 'rwkvtools' metadata)")
         try:
@@ -200,8 +203,7 @@ class OnnxModel:
         state = state if state is not None else self.init_state(B)
         if B == 0:  # no sequences: nothing to run (a sequence graph's reshapes cannot take batch 0)
             steps = T if self.logits_mode == "all" else 1
-            dt = torch.float16 if self.meta.get("dtype") == "fp16" else torch.float32
-            return torch.zeros(0, steps, self.vocab, dtype=dt), state
+            return torch.zeros(0, steps, self.vocab, dtype=torch.float32), state  # logits are fp32 in every export
         arr = toks.cpu().numpy().astype(np.int64)
         if self.mode == "step":
             outs = []

@@ -781,11 +781,19 @@ def parse_gguf(path: str) -> GGUFFile:
             g.tensors[name] = ti
             infos.append(ti)
         g.data_start = (c.p + align - 1) // align * align
+        expected = 0
         for ti in infos:
+            if g.data_start + ti.offset + ti.nbytes > size:
+                raise FormatError(f"{path}: truncated GGUF: tensor '{ti.name}' needs bytes {g.data_start + ti.offset}.."
+                                  f"{g.data_start + ti.offset + ti.nbytes}, the file has {size}")
+            # llama.cpp's rule: each tensor's data follows the one before, in the order of the infos,
+            # padded to the alignment (else a changed type id or offset silently reads another
+            # tensor's bytes, or the same bytes twice)
+            if ti.offset != expected:
+                raise FormatError(f"{path}: corrupt GGUF: tensor '{ti.name}' data at offset {ti.offset}, expected "
+                                  f"{expected} (after the tensors before it, {ti.nbytes} bytes of {ti.type_name})")
+            expected += (ti.nbytes + align - 1) // align * align
             ti.offset += g.data_start
-            if ti.offset + ti.nbytes > size:
-                raise FormatError(f"{path}: truncated GGUF: tensor '{ti.name}' needs bytes {ti.offset}..{ti.offset + ti.nbytes}, "
-                                  f"the file has {size}")
     finally:
         mm.close()
     return g

@@ -157,15 +157,36 @@ def _check_zip(path: str) -> None:
                     raise FormatError(f"{path}: corrupt PyTorch checkpoint: zip record '{i.filename}' states "
                                       f"{i.file_size} bytes ({i.compress_size} stored, method "
                                       f"{i.compress_type}) at byte {i.header_offset}; the file has {size}")
-            pkl = [z.read(i) for i in infos if i.filename.endswith("/data.pkl")][:1]
+            pkl = [(i.filename, z.read(i)) for i in infos if i.filename.endswith("/data.pkl")][:1]
+            records = {i.filename: i.file_size for i in infos}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise FormatError(f"{path}: not a readable PyTorch checkpoint (damaged zip archive: {e})") from None
     try:
-        for op, arg, _ in pickletools.genops(pkl[0] if pkl else b""):
+        for op, arg, _ in pickletools.genops(pkl[0][1] if pkl else b""):
             if op.name == "GLOBAL":  # the only way torch's weights-only unpickler names a global
                 _check_rebuild(*arg.partition(" ")[::2], path)
     except ValueError:
-        pass  # a broken pickle: torch.load stops at the same place and says why
+        return  # a broken pickle: torch.load stops at the same place and says why
+    if pkl:
+        _check_zip_storages(path, pkl[0][0][:-len("data.pkl")], pkl[0][1], records)
+
+
+def _check_zip_storages(path: str, folder: str, pkl: bytes, records: dict) -> None:
+    """A memory-mapped load places each storage at its record's offset with the size the pickle
+    declares, without comparing it to the record's: a record shorter than its storage would be read
+    on into the records after it (garbage weights, no error). Each declared size is checked here."""
+    declared: dict = {}
+    try:
+        _SizeScan(io.BytesIO(pkl), declared, path, zip_form=True).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            OverflowError, RecursionError):
+        return  # a broken pickle: torch.load stops at the same place and says why
+    for key, nbytes in declared.items():
+        name = f"{folder}data/{key}"
+        have = records.get(name)
+        if have is not None and nbytes > have:
+            raise FormatError(f"{path}: corrupt PyTorch checkpoint: storage '{key}' holds {nbytes} bytes by its "
+                              f"pickle, its zip record '{name}' only {have}")
 
 
 # torch.load(weights_only=True) allows the rebuild functions of every tensor kind; rwkvtools reads
@@ -216,10 +237,11 @@ class _SizeScan(pickle._Unpickler):
     inside its storage (torch's legacy loader would grow the storage to fit it). The pure-Python
     unpickler, whose memo is a dict: the C one grows an array to the largest memo index named."""
 
-    def __init__(self, f, declared: dict, path: str):
+    def __init__(self, f, declared: dict, path: str, zip_form: bool = False):
         super().__init__(f, encoding="utf-8")
         self.declared = declared
         self.path = path
+        self.zip_form = zip_form  # persistent ids ('storage', type, key, location, numel); key -> bytes
 
     def find_class(self, module, name):
         _check_rebuild(module, name, self.path)
@@ -228,6 +250,16 @@ class _SizeScan(pickle._Unpickler):
         return type(str(name), (_Inert,), {})
 
     def persistent_load(self, pid):
+        if self.zip_form:
+            if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage")):
+                return None
+            stype, key, _, numel = pid[1:5]
+            size = _ELEMENT_BYTES.get(getattr(stype, "__name__", ""))
+            if not isinstance(numel, int) or numel < 0:
+                raise pickle.UnpicklingError(f"storage of {numel!r} elements")
+            if size is not None and isinstance(key, str):  # an element type not listed is left to torch
+                self.declared[key] = max(self.declared.get(key, 0), numel * size)
+            return (numel * (size or 1), size or 1)
         if not (isinstance(pid, tuple) and len(pid) >= 6 and pid[0] in ("storage", b"storage")):
             return None
         stype, key, _, numel, view = pid[1:6]
