@@ -307,6 +307,12 @@ def _eval(model, text, tokenizer, tokenizer_file, encoding, max_tokens, chunk_le
         click.echo(f"tokens       {res['tokens']} ({res['predictions']} predictions)")
         click.echo(f"tokens/s     {res['tokens_per_s']:.1f}")
         click.echo(f"backend      {res['backend']} on {res['device']}")
+    import math
+    from .errors import GateError
+    ppl = res.get("ppl")
+    if not (isinstance(ppl, float) and math.isfinite(ppl)):  # a number that measures nothing: not a success
+        raise GateError(f"error: the perplexity is {'nan' if ppl is None or ppl != ppl else ppl}: the model's outputs are "
+                        "not finite (a NaN/Inf weight, or activations that overflow the compute dtype)")
 
 
 # --------------------------------------------------------------------------------------- init

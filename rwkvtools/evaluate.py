@@ -30,6 +30,7 @@ def evaluate_file(model_path: str, text_path: str, tokenizer: str = "auto", toke
         stored = "float16" if model.meta.get("dtype") == "fp16" else "float32"
         asked = str(dtype).replace("torch.", "") if dtype is not None else stored
         if asked != stored:
+            asked = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(asked, asked)  # as typed
             raise RwkvToolsError(f"--dtype {asked}: an ONNX file runs in the dtype it was exported in "
                                  f"({model.meta.get('dtype')}); export it again with export-onnx --dtype")
         dtype = getattr(torch, stored)

@@ -211,4 +211,9 @@ def validate_transform(before, after, tokens, max_ppl_increase: float | None = N
            "bytes_before": checkpoint_bytes(before), "bytes_after": checkpoint_bytes(after)}
     gates = [] if max_ppl_increase is None else [Gate("ppl_increase_pct", max=max_ppl_increase)]
     apply_gates(rep, gates)
+    if math.isfinite(p0.ppl) and not math.isfinite(p1.ppl):  # scored finite and no longer does: broken,
+        rep["gates"].append({"metric": "ppl_after", "max": None, "min": None, "passed": False,  # gate or none
+                             "detail": f"ppl_after = {p1.ppl} is not finite (ppl_before {p0.ppl:.6g}): the "
+                                       "transformed model's outputs are NaN or Inf"})
+        rep["passed"] = False
     return rep

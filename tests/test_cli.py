@@ -190,3 +190,19 @@ def test_python_dash_m_has_every_command(module):
     assert r.returncode == 0, r.stderr
     listed = {line.split()[0] for line in r.stdout.split("Commands:")[1].strip().splitlines() if line.strip()}
     assert listed == expected and {"convert", "export-onnx", "recipe"} <= listed
+
+
+def test_eval_of_a_model_whose_outputs_are_nan_fails(tmp_path):
+    """One NaN weight: eval printed 'ppl nan' and exited 0, as if it had measured something."""
+    from safetensors.torch import load_file, save_file
+    out = tmp_path / "m.safetensors"
+    run("init", out, "--version", "7", "--layers", 2, "--dim", 32, "--vocab", 256, "--head-size", 8)
+    txt = tmp_path / "t.txt"
+    txt.write_text("some text to score " * 20)
+    assert run("eval", out, "--text", txt, "--max-tokens", 64).exit_code == 0
+    t = load_file(str(out))
+    t["blocks.1.ffn.key.weight"][0, 0] = float("nan")
+    save_file(t, str(tmp_path / "nan.safetensors"))
+    res = runner.invoke(main, ["eval", str(tmp_path / "nan.safetensors"), "--text", str(txt), "--json"])
+    assert res.exit_code == 1 and "error: the perplexity is nan" in res.stderr, res.output
+    assert json.loads(res.stdout)["ppl"] is None

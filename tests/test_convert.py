@@ -1080,3 +1080,45 @@ def test_the_same_setting_given_twice_is_refused(tmp_path, fmt, args):
     r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / fmt), *args, "--no-validate"])
     assert r.exit_code == 2 and "set the same thing; give one" in r.output, r.output
     assert not (tmp_path / fmt).exists()
+
+
+@pytest.mark.parametrize("version", ["6", "7"])
+def test_vectors_stored_in_another_vector_layout_run_and_convert(tmp_path, version):
+    """check_layout lets a per-channel vector through as (C, 1) or (1, C): a LayerNorm or group-norm
+    weight so stored was an internal error in the model (eval, export) and a refused write ('the
+    gguf writer cannot hold this model ... please report it') in every converter."""
+    ck = random_checkpoint(version, n_layer=2, n_embd=64, vocab=256, head_size=16, seed=3)
+    norm = ("ln0.", "ln1.", "ln2.", "ln_out.")  # LayerNorms (spec detection wants ln_x and decays 1-D)
+    odd = {k: (v.reshape(-1, 1).clone() if any(n in k for n in norm) or (v.dim() == 3 and v.shape[:2] == (1, 1))
+               else v) for k, v in ck.tensors.items()}
+    assert odd["ln_out.weight"].shape == (64, 1)
+    src = tmp_path / "odd.safetensors"
+    write_safetensors(ck.with_tensors(odd), str(src))
+    want = logits(ck)
+    assert float((logits(read_checkpoint(str(src))) - want).abs().max()) == 0.0
+    for dst in ("o.pth", "o.gguf", "o.bin", "hf"):
+        r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / dst), "--eval-tokens", "64"])
+        assert r.exit_code == 0, (dst, r.output)
+        back = read_checkpoint(str(tmp_path / dst))
+        assert float((logits(back) - want).abs().max()) <= 1e-5, dst
+    assert torch.load(str(tmp_path / "o.pth"), weights_only=True)["ln_out.weight"].shape == (64,)
+
+
+def test_a_conversion_that_makes_the_outputs_nan_is_refused_without_a_gate(tmp_path):
+    """A weight beyond fp16's range (70000) became inf with --dtype fp16: the model's perplexity went
+    from finite to nan, and convert wrote it with exit 0 (no --max-ppl-increase given)."""
+    ck = random_checkpoint("7", n_layer=2, n_embd=64, vocab=256, head_size=16, seed=3)
+    t = dict(ck.tensors)
+    t["blocks.0.att.key.weight"] = t["blocks.0.att.key.weight"].clone()
+    t["blocks.0.att.key.weight"][0, 0] = 70000.0
+    src = tmp_path / "big.safetensors"
+    write_safetensors(ck.with_tensors(t), str(src))
+    dst = tmp_path / "h.safetensors"
+    r = CliRunner().invoke(main, ["convert", str(src), str(dst), "--dtype", "fp16", "--eval-tokens", "64",
+                                  "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 1 and "ppl_after = nan is not finite" in r.output, r.output
+    assert not dst.exists()
+    gates = json.loads((tmp_path / "r.json").read_text())["validation"]["gates"]
+    assert [g["metric"] for g in gates if not g["passed"]] == ["ppl_after"]
+    r = CliRunner().invoke(main, ["convert", str(src), str(dst), "--eval-tokens", "64"])  # fp32: finite, written
+    assert r.exit_code == 0 and dst.exists(), r.output

@@ -104,9 +104,9 @@ def _convert(src, dst, to, fmt, dtype, rescale_every, cpp_type, writer_opts, pro
         if not opts.get("no_validate"):
             from ..io import read_checkpoint
             from ..transforms import prepare_for_model
-            from ..transforms.convert import compare_checkpoints
+            from ..transforms.convert import canonical_vectors, compare_checkpoints
             from .common import run_validation
-            before = prepare_for_model(read_checkpoint(src))
+            before = canonical_vectors(prepare_for_model(read_checkpoint(src)))  # as convert wrote it
             after = prepare_for_model(read_checkpoint(staged))
             report["tensors_compared"] = tc = compare_checkpoints(before, after)
             if tc.get("shape_mismatch"):  # a writer that cannot hold this model: never a file that reads as another

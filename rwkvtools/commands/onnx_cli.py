@@ -68,6 +68,8 @@ def check_options(out, opts, given):
         for opt, name in (("--chunk-len", "chunk_len"), ("--logits", "logits")):
             if name in given:
                 raise UserError(f"{opt} applies to --mode sequence (a step graph takes one token per call)")
+    if opts.get("no_validate") and "tol" in given:  # refused rather than ignored, as the step-mode options
+        raise UserError("--tol is the validation's tolerance; it has no effect with --no-validate")
     if not str(out).endswith(".onnx"):
         raise UserError(f"{out}: the output file name must end in .onnx")
     if opts["external_data_threshold"] < 0:
@@ -90,7 +92,8 @@ def _export(src, out, mode, dtype, opset, chunk_len, logits, linear_op, no_valid
     if report_path and os.path.realpath(os.path.abspath(report_path)) == os.path.realpath(os.path.abspath(out + ".data")):
         raise UserError(f"--report {report_path} is where OUT's external weights go ({os.path.basename(out)}.data); "
                         "choose another report path")
-    check_options(out, {"mode": mode, "external_data_threshold": threshold, "opset": opset}, given)
+    check_options(out, {"mode": mode, "external_data_threshold": threshold, "opset": opset,
+                        "no_validate": no_validate}, given)
     # exported (and checked) under a temporary name, then renamed onto OUT with its OUT.data:
     # any failure leaves neither behind, and existing ones as they were
     with staged_output(out, companions=(".data",)) as staged:

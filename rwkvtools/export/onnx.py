@@ -18,6 +18,7 @@ all zeros is the empty state.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -820,8 +821,7 @@ def build_onnx_model(model, mode: str = "step", opset: int = DEFAULT_OPSET, chun
            "A state of all zeros "
            "is the empty state. See docs/ONNX.md.")
     g.graph(f"rwkv{spec.version.replace('.', '_')}_{mode}", inputs, outputs, doc)   # fills mp.graph
-    ir = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
-    mp.ir_version = max(ir, 8)
+    mp.ir_version = _ir_version(opset)
     mp.opset_import.extend([helper.make_opsetid(d, v) for d, v in g.domains.items()])
     mp.producer_name = "rwkvtools"
     mp.producer_version = meta["rwkvtools"]
@@ -878,38 +878,39 @@ class _few_threads:
 def compare_with_reference(onnx_model, ref_model, batch: int = 2, prompt: int = 40, steps: int = 6,
                            seed: int = 0, progress: bool = False) -> dict:
     """Random prompts through both models: the prompt in two calls (sequence mode; step mode
-    steps through it), then ``steps`` single tokens through the state. Returns max |logit
-    difference|, the largest logit, and the relative state difference."""
+    steps through it), then ``steps`` single tokens through the state. The reference is the torch
+    model's plain recurrence, one token per call (a step graph's own computation, and the truth a
+    sequence graph's chunked form stands for); the torch model's chunked calls are run too, to
+    report how far its own two fp32 forms are apart. Returns max |logit difference|, the largest
+    logit, and the relative state difference."""
     from tqdm import tqdm
     V = ref_model.spec.vocab
     gen = torch.Generator().manual_seed(seed)
     toks = torch.randint(0, V, (batch, prompt + steps), generator=gen)
     cut = max(1, (prompt * 4) // 7)
-    pieces = [toks[:, :cut], toks[:, cut:prompt]] + [toks[:, prompt + j:prompt + j + 1] for j in range(steps)]
-    pieces = [p for p in pieces if p.shape[1]]
-    s_ref = s_onnx = None
-    ref_out, onnx_out = [], []
-    bar = tqdm(total=len(pieces), desc="validating", unit="call", file=sys.stderr, disable=not progress, leave=False)
+    bounds = [(0, cut), (cut, prompt)] + [(prompt + j, prompt + j + 1) for j in range(steps)]
+    bounds = [(a, b) for a, b in bounds if b > a]
+    s_calls = s_onnx = s_ref = None
+    call_out, onnx_out, picked = [], [], []
+    bar = tqdm(total=len(bounds) + toks.shape[1], desc="validating", unit="call", file=sys.stderr,
+               disable=not progress, leave=False)
     with torch.inference_mode(), _few_threads(ref_model):
-        for p in pieces:
-            lr, s_ref = ref_model(p, s_ref)
-            lo, s_onnx = onnx_model(p, s_onnx)
-            if lo.shape[1] != lr.shape[1]:          # exported with logits='last'
-                lr = lr[:, -1:]
-            ref_out.append(lr.float())
+        for a, b in bounds:
+            lc, s_calls = ref_model(toks[:, a:b], s_calls)
+            lo, s_onnx = onnx_model(toks[:, a:b], s_onnx)
+            last = lo.shape[1] != b - a                # exported with logits='last'
+            picked.extend([b - 1] if last else range(a, b))
+            call_out.append(lc[:, -1:].float() if last else lc.float())
             onnx_out.append(lo.float())
             bar.update(1)
-        # how far the reference's own two fp32 forms (parallel prompt, token by token) are apart
-        # on these tokens: the fp32 rounding noise of this model, reported beside the difference
-        self_diff = None
-        if all(r.shape[1] == p.shape[1] for r, p in zip(ref_out, pieces)):
-            st, outs = None, []
-            for t in range(toks.shape[1]):
-                o, st = ref_model(toks[:, t:t + 1], st)
-                outs.append(o.float())
-            self_diff = float((torch.cat(outs, 1) - torch.cat(ref_out, 1)).abs().max())
+        step_out = []
+        for t in range(toks.shape[1]):
+            o, s_ref = ref_model(toks[:, t:t + 1], s_ref)
+            step_out.append(o.float())
+            bar.update(1)
     bar.close()
-    ref = torch.cat(ref_out, 1)
+    ref = torch.cat(step_out, 1)[:, picked]
+    self_diff = float((torch.cat(call_out, 1) - ref).abs().max())
     got = torch.cat(onnx_out, 1)
     diff = (got - ref).abs()
     a, b = _state_view(ref_model.spec.major, s_onnx), _state_view(ref_model.spec.major, {k: v.float() for k, v in s_ref.items()})
@@ -917,7 +918,8 @@ def compare_with_reference(onnx_model, ref_model, batch: int = 2, prompt: int = 
     return {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
             "max_abs_logit": float(ref.abs().max()), "state_max_rel_diff": state_rel,
             "finite": bool(torch.isfinite(got).all()), "tokens": int(toks.numel()), "batch": batch,
-            "prompt": prompt, "steps": steps, "reference_parallel_vs_step": self_diff}
+            "prompt": prompt, "steps": steps, "reference": "torch, one token per call",
+            "reference_parallel_vs_step": self_diff}
 
 
 def validate_onnx(path: str, ref_model, dtype: str = "fp32", tol: float | None = None, providers=None,
@@ -944,15 +946,58 @@ def validate_onnx(path: str, ref_model, dtype: str = "fp32", tol: float | None =
 
 # --------------------------------------------------------------------------------- export
 def _estimate_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """The weights' bytes: parameters, and buffers (a quantized model's packed int8/int4 weights
+    and scales are buffers; the per-module buffers are distinct tensors, shared ones counted once)."""
+    seen, n = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            n += t.numel() * t.element_size()
+    return n
+
+
+@functools.lru_cache(maxsize=None)
+def max_opset() -> int:
+    """The newest opset the installed onnx package writes and the installed onnxruntime loads (a
+    one-node probe model per opset, newest first, with the IR version the graph builder sets: onnx
+    can know opsets that its onnxruntime does not run yet, e.g. onnx 1.23's 27 and 28 in
+    onnxruntime 1.31)."""
+    import onnx
+    from onnx import TensorProto, helper
+    newest = onnx.defs.onnx_opset_version()
+    try:
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover - a dependency; without it nothing is validated anyway
+        return newest
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    for opset in range(newest, MIN_OPSET, -1):
+        g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        mp = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+        mp.ir_version = _ir_version(opset)
+        try:
+            ort.InferenceSession(mp.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            return opset
+        except Exception:
+            continue
+    return MIN_OPSET
+
+
+def _ir_version(opset: int) -> int:
+    from onnx import helper
+    return max(helper.find_min_ir_version_for([helper.make_opsetid("", opset)]), 8)
 
 
 def check_opset(opset: int) -> None:
-    """The opsets the graph builder writes and the installed onnx package knows."""
-    import onnx
-    max_opset = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= opset <= max_opset:
-        raise ExportError(f"opset {opset} is not supported: use {MIN_OPSET}..{max_opset} (default {DEFAULT_OPSET})")
+    """The opsets the graph builder writes, the installed onnx package knows and the installed
+    onnxruntime runs (the export is validated in it, and `eval` runs it there)."""
+    top = max_opset()
+    if not MIN_OPSET <= opset <= top:
+        raise ExportError(f"opset {opset} is not supported: use {MIN_OPSET}..{top} (default {DEFAULT_OPSET}; "
+                          "the newest the installed onnx and onnxruntime both support)")
 
 
 def export_onnx(src, out: str, mode: str = "step", dtype: str = "fp32", opset: int = DEFAULT_OPSET,

@@ -19,10 +19,11 @@ FP16_RESCALE_EVERY = 6  # ChatRWKV's default for fp16 (v4-v6)
 
 def build_model(ckpt: Checkpoint, device="cpu", dtype=torch.float32, spec: ModelSpec | None = None) -> RWKV:
     from ..transforms import prepare_for_model
-    from ..transforms.convert import check_layout
+    from ..transforms.convert import canonical_vectors, check_layout
     ckpt = prepare_for_model(ckpt)
     spec = spec or detect(ckpt.tensors, ckpt.manifest)
     check_layout(ckpt)  # a tensor of the wrong shape or an unknown one: named now, not a matmul error later
+    ckpt = canonical_vectors(ckpt)
     ctx = BuildContext(ckpt.tensors, ckpt.manifest, dtype, torch.device(device))
     tm, cm = _MIXERS[spec.version]
     rescale = FP16_RESCALE_EVERY if (dtype == torch.float16 and spec.major < 7) else 0

@@ -115,6 +115,25 @@ def check_layout(ckpt: Checkpoint) -> None:
         raise SpecError(f"{len(problems)} problem(s) with the checkpoint's tensors: " + "; ".join(problems[:8]) + more)
 
 
+def canonical_vectors(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt`` with each per-channel vector that check_layout let through in another vector layout
+    ((C, 1) or (1, C) for (C,), (C,) for (1, 1, C), ...) reshaped to the layout's shape: the same
+    values, in the shape the model and every writer expect (a (C, 1) norm weight was an internal
+    error in the model and a refused write in the converters)."""
+    from ..spec import detect, layout
+    lay = layout(detect(ckpt.tensors))
+    odd = {k: lay[k][0] for k in ckpt.tensors
+           if k in lay and lay[k][0] and tuple(ckpt.shape(k)) != tuple(lay[k][0])}
+    if not odd:
+        return ckpt
+    src = ckpt.tensors
+    names = list(src)
+    shapes = {k: odd.get(k) or tuple(ckpt.shape(k)) for k in names}
+    dtypes = {k: ckpt.dtype(k) for k in names}
+    return ckpt.with_tensors(LazyTensors(names, lambda k: src[k].reshape(odd[k]) if k in odd else src[k],
+                                         shapes, dtypes))
+
+
 def check_form(fmt: str, to: str | None, rescale_every: int | None) -> None:
     """--to and --rescale-every against the output format, before any file is read."""
     if to is not None and to not in FORMS:
@@ -173,6 +192,7 @@ def convert(src_path: str, dst_path: str, to: str | None = None, format: str | N
         raise RwkvToolsError("--rescale-every applies to the RNN form (--to rnn)")
     ck = prepare_for_model(src)
     check_layout(ck)
+    ck = canonical_vectors(ck)
     from ..spec import SHARED_MAP, detect
     spec = detect(ck.tensors)
     if SHARED_MAP in ck.tensors:  # recursive: written as stored (each shared tensor once), never expanded
