@@ -32,7 +32,27 @@ def describe(ckpt: Checkpoint) -> dict:
     for k in ("notes", "lowrank", "quantized", "recursive"):
         if k in ckpt.manifest:
             info[k] = ckpt.manifest[k]
+    stale = {k: later for k, later in _stale_summaries(ckpt.history).items() if k in info}
+    if stale:
+        info["stale_summaries"] = stale
     return info
+
+
+_SUMMARY_OF = {"lowrank": "lowrank", "quantized": "quantize", "recursive": "recursive"}
+
+
+def _stale_summaries(history: list) -> dict:
+    """{summary key: the later transform}: a transform's summary (its sizes and counts) describes
+    the model as that transform wrote it; a later lowrank / quantize / recursive changed them."""
+    names = [h.get("transform") if isinstance(h, dict) else h for h in history]
+    out = {}
+    for key, tr in _SUMMARY_OF.items():
+        if tr in names:
+            last = len(names) - 1 - names[::-1].index(tr)
+            later = [n for n in names[last + 1:] if n in _SUMMARY_OF.values()]
+            if later:
+                out[key] = later[-1]
+    return out
 
 
 def _fmt_n(n: int) -> str:
@@ -60,9 +80,11 @@ def format_description(info: dict) -> str:
         lines.append(f"stored as   {sf.get('format')} " + ", ".join(f"{k}={v}" for k, v in sf.items() if k != "format"))
     for n in info.get("notes", []):
         lines.append(f"note        {n}")
+    stale = info.get("stale_summaries") or {}
     for k in ("lowrank", "quantized", "recursive"):  # a transform's summary line, if it wrote one
         if isinstance(info.get(k), dict) and info[k].get("summary"):
-            lines.append(f"{k:<11} {info[k]['summary']}")
+            when = f"(as written, before {stale[k]}) " if k in stale else ""
+            lines.append(f"{k:<11} {when}{info[k]['summary']}")
     if info["history"]:
         lines.append("history:")
         for i, h in enumerate(info["history"], 1):

@@ -8,6 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from rwkvtools.cli import main
+
 from conftest import DATA, VERSIONS, fixture_path, max_rel, wikitext_bytes
 from rwkvtools.model import build_model
 from rwkvtools.model.linear import DenseLinear, LowRankLinear
@@ -408,3 +410,42 @@ def test_cli_calibration_options_with_svd_are_refused(tmp_path, extra):
     res = _run("lowrank", src, dst, "--rank", 0.5, "--method", "svd", *extra, "--no-validate")
     assert res.exit_code == 2 and f"error: {extra[0]} applies to --method whiten" in res.output, res.output
     assert not dst.exists()
+
+
+def test_fp16_rwkvcpp_source_written_as_bin_stays_fp16(tmp_path):
+    """lowrank/recursive/heal wrote an FP16 .bin source's merged result to .bin as FP32 (twice the
+    size); convert kept FP16. The rwkv.cpp writer now defaults to the matrices' own type."""
+    src = fixture_path("tiny-rwkv-7v0-834K-FP16.bin")
+    dst = tmp_path / "m.bin"
+    r = CliRunner().invoke(main, ["lowrank", src, str(dst), "--rank", "0.5", "--merge", "--no-validate"])
+    assert r.exit_code == 0, r.output
+    from rwkvtools.io import read_checkpoint
+    assert read_checkpoint(str(dst)).manifest["source_format"]["data_type"] == "FP16"
+    assert dst.stat().st_size == __import__("os").path.getsize(src)
+
+
+def test_gate_with_no_validate_is_refused(tmp_path):
+    src = tmp_path / "m.safetensors"
+    CliRunner().invoke(main, ["init", str(src), "--version", "7", "--layers", "1", "--dim", "64", "--vocab", "256",
+                              "--head-size", "16"])
+    for args in (["--no-validate", "--max-ppl-increase", "1"], ["--max-ppl-increase", "1", "--no-validate"]):
+        r = CliRunner().invoke(main, ["lowrank", str(src), str(tmp_path / "o.safetensors"), "--rank", "0.5", *args])
+        assert r.exit_code == 2 and "no effect with --no-validate" in r.output, r.output
+        assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_inspect_marks_an_earlier_transforms_summary_as_before_the_later_one(tmp_path):
+    """After recursive then lowrank, inspect showed the recursive summary's sizes (2,991,968 bytes)
+    as if they were the file's (2,267,424)."""
+    from rwkvtools.inspect import describe, format_description
+    from rwkvtools.io import read_checkpoint
+    rec, out = tmp_path / "r.safetensors", tmp_path / "x.safetensors"
+    src = fixture_path("tiny-rwkv-7v0-834K.pth")
+    assert CliRunner().invoke(main, ["recursive", src, str(rec), "--blocks", "4", "--share", "att",
+                                     "--lora-rank", "8", "--no-validate"]).exit_code == 0
+    assert CliRunner().invoke(main, ["lowrank", str(rec), str(out), "--rank", "0.5", "--no-validate"]).exit_code == 0
+    info = describe(read_checkpoint(str(out)))
+    assert info["stale_summaries"] == {"recursive": "lowrank"}
+    text = format_description(info)
+    assert "recursive   (as written, before lowrank)" in text and "lowrank     24 ffn" in text
+    assert "stale_summaries" not in describe(read_checkpoint(str(rec)))

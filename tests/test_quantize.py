@@ -637,3 +637,29 @@ def test_validation_sizes_are_tensor_bytes_gate_passed_or_not(tmp_path, scheme, 
         with safe_open(str(tmp_path / f"q1000{ext}"), "pt") as f:
             stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
         assert ok["validation"]["bytes_after"] == stored < ok["file_bytes_after"]
+
+
+@pytest.mark.parametrize("dst", ["q.gguf", "q.bin"])
+def test_block_formats_refuse_low_rank_factors_before_quantizing(tmp_path, dst):
+    """A low-rank model quantized to .gguf: the plan skipped the factors ('kept by llama.cpp's rule')
+    while the GGUF writer multiplied them out and rounded them by RTN, so the file held 72 quantized
+    matrices, the report 48, and the report's perplexity was not the file's."""
+    from click.testing import CliRunner
+
+    from rwkvtools.cli import main
+    from rwkvtools.io.safetensors_io import write_safetensors
+    from rwkvtools.random_init import random_checkpoint
+    from rwkvtools.transforms.lowrank import LowRankConfig, lowrank
+    lr = lowrank(random_checkpoint("7", n_layer=2, n_embd=64, vocab=256, head_size=16, seed=2),
+                 LowRankConfig(rank=0.5, method="svd"))
+    src = tmp_path / "lr.safetensors"
+    write_safetensors(lr, str(src))
+    r = CliRunner().invoke(main, ["quantize", str(src), str(tmp_path / dst), "--scheme", "Q4_0"])
+    assert r.exit_code == 2 and "hold dense matrices" in r.output and "--merge" in r.output, r.output
+    assert not (tmp_path / dst).exists()
+
+
+def test_clip_with_a_k_quant_is_refused_before_any_work():
+    """Refused only inside GPTQ's grid fit, after the source was read: `recipe check` passed it."""
+    with pytest.raises(QuantizeError, match="--clip is not available for K-quants"):
+        QuantizeConfig("Q4_K", method="gptq", clip=True, target="gguf")

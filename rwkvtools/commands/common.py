@@ -53,13 +53,14 @@ def validation_options(fn):
                      show_default=True),
         click.option("--encoding", default="utf-8", show_default=True, callback=encoding_option,
                      help="Byte encoding for the bytes tokenizer."),
-        click.option("--max-ppl-increase", type=FINITE_FLOAT, default=None,
+        click.option("--max-ppl-increase", type=FINITE_FLOAT, default=None, callback=_gate_needs_validation,
                      help="Gate: fail (exit 1) when perplexity rises by more than this many percent."),
         click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
                      callback=_device_option,
                      help="Where the perplexity check (and heal's training) runs: auto = CUDA when there is "
                           "one; on CUDA rwkvtools' WKV kernels are used (the report's 'backend' names them)."),
-        click.option("--no-validate", is_flag=True, help="Skip the perplexity check."),
+        click.option("--no-validate", is_flag=True, callback=_gate_needs_validation,
+                     help="Skip the perplexity check."),
         click.option("--report", type=click.Path(), default=None, help="Also write the JSON report to this file."),
         click.option("--json", "as_json", is_flag=True, help="Print the JSON report."),
         click.option("--force", is_flag=True, help="Overwrite DST if it exists."),
@@ -67,6 +68,17 @@ def validation_options(fn):
     for o in reversed(opts):
         fn = o(fn)
     return fn
+
+
+def _gate_needs_validation(ctx, param, value):
+    """--max-ppl-increase with --no-validate: refused rather than ignored (the gate was silently
+    dropped and DST written). Whichever of the two Click processes second sees the other."""
+    gate = value if param.name == "max_ppl_increase" else ctx.params.get("max_ppl_increase")
+    off = value if param.name == "no_validate" else ctx.params.get("no_validate")
+    if gate is not None and off:
+        raise click.UsageError("--max-ppl-increase is a gate on the perplexity check; it has no effect with "
+                               "--no-validate", ctx=ctx)
+    return value
 
 
 def _eval_tokens(ctx, param, value):

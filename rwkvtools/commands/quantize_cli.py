@@ -41,7 +41,7 @@ SCHEME_CHOICES = ["int8", "int4", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K"
               help="gptq: quantize columns by decreasing input energy (groups fixed beforehand).")
 @click.option("--clip/--no-clip", default=False, show_default=True,
               help="Search a shrunk range per group that rounds with the least error (int8/int4, and "
-                   "ggml formats with gptq).")
+                   "Q4_0..Q8_0 with gptq; not the K-quants).")
 @click.option("--damp", type=FINITE_FLOAT, default=0.01, show_default=True,
               help="gptq: Hessian dampening, relative to the mean input energy.")
 @click.option("--chunk-len", type=int, default=512, show_default=True, help="Tokens per forward during calibration.")

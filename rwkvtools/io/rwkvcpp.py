@@ -376,7 +376,14 @@ def check_writable(ckpt: Checkpoint):
     return spec
 
 
-def write_rwkvcpp(ckpt: Checkpoint, path: str, data_type: str = "FP32",
+def source_data_type(ckpt: Checkpoint) -> str:
+    """The rwkv.cpp data type that keeps ``ckpt``'s matrices as they are: FP16 when every 2-D
+    weight is fp16, else FP32 (an fp16 model is not widened to FP32, doubling the file)."""
+    mats = [k for k in ckpt.tensors if k.endswith(".weight") and len(ckpt.shape(k)) == 2]
+    return "FP16" if mats and all(ckpt.dtype(k) == torch.float16 for k in mats) else "FP32"
+
+
+def write_rwkvcpp(ckpt: Checkpoint, path: str, data_type: str | None = None,
                   blocks: dict | None = None, base_type: str | None = None,
                   version: int | None = None, progress: bool | None = None) -> None:
     """Write an rwkv.cpp ``.bin`` with the bytes rwkv.cpp's own tools write.
@@ -400,7 +407,7 @@ def write_rwkvcpp(ckpt: Checkpoint, path: str, data_type: str = "FP32",
     from ..transforms import prepare_for_model
     from .atomic import atomic_path
 
-    dt = _data_type(data_type)
+    dt = _data_type(data_type or source_data_type(ckpt))  # default: the matrices' own (fp16 stays FP16)
     base = "FP16" if dt == "FP16" else _data_type(base_type or "FP32")
     if base not in ("FP32", "FP16"):
         raise FormatError(f"base_type must be FP32 or FP16, got {base_type}")

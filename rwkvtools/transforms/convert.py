@@ -212,8 +212,8 @@ def convert(src_path: str, dst_path: str, to: str | None = None, format: str | N
         if dtype and "data_type" not in options:
             options["data_type"] = dtype.upper()
         elif "data_type" not in options:  # unchanged: an fp16 model stays FP16 (not widened to FP32)
-            mats = [k for k in ck.tensors if k.endswith(".weight") and len(ck.shape(k)) == 2]
-            options["data_type"] = "FP16" if mats and all(ck.dtype(k) == torch.float16 for k in mats) else "FP32"
+            from ..io.rwkvcpp import source_data_type
+            options["data_type"] = source_data_type(ck)
         dtype = None  # the rwkv.cpp writer applies its own per-tensor rules
     elif fmt == "gguf":
         if dtype and "dtype" not in options:

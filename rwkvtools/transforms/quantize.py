@@ -115,6 +115,8 @@ class QuantizeConfig:
         if self.clip and self.method == "rtn" and self.scheme in BLOCK_SCHEMES:
             raise QuantizeError("clip with rtn is not available for ggml formats: rtn writes exactly the bytes of "
                                 "ggml's reference quantizer; use --method gptq for searched block scales")
+        if self.clip and self.scheme in KQUANT_SCHEMES:  # refused here, before any file is read (was mid-run)
+            raise QuantizeError(f"{self.scheme}: --clip is not available for K-quants (ggml's scale search is used)")
 
     def _check_tuning(self):
         for k in ("tune_steps", "tune_tokens", "tune_batch", "tune_seq"):
@@ -258,6 +260,13 @@ def plan(ckpt: Checkpoint, config: QuantizeConfig) -> dict:
     tensors: dict[str, dict] = {}
     kept: dict[str, str] = {}
     used_skip, used_include = set(), set()
+    factored = sorted({n.rsplit(".", 1)[0] for n in t if n.endswith(".weight_u")})
+    if config.is_ggml and factored:  # the file holds dense matrices: the writer would multiply the factors
+        from .lowrank import merge_hint  # out and round them itself (RTN, outside this plan and its report)
+        raise QuantizeError(f"{config.scheme}: {'GGUF' if config.target == 'gguf' else 'rwkv.cpp'} files hold dense "
+                            f"matrices, and {len(factored)} linears here are low-rank factors "
+                            f"({', '.join(factored[:2])}{', ...' if len(factored) > 2 else ''}); merge them first "
+                            f"({merge_hint(t)}) and quantize the dense model, or use int8/int4 (.safetensors)")
     if config.is_ggml and config.target == "gguf":
         tensors, kept, used_skip = _plan_gguf(view, config)
     elif config.is_ggml:
