@@ -1122,3 +1122,22 @@ def test_a_conversion_that_makes_the_outputs_nan_is_refused_without_a_gate(tmp_p
     assert [g["metric"] for g in gates if not g["passed"]] == ["ppl_after"]
     r = CliRunner().invoke(main, ["convert", str(src), str(dst), "--eval-tokens", "64"])  # fp32: finite, written
     assert r.exit_code == 0 and dst.exists(), r.output
+
+
+def test_recursive_checkpoint_with_vectors_in_another_layout_converts(tmp_path):
+    """The recursive branch of convert wrote the source as stored while the read-back check compared
+    against the canonical shapes: 'the pth writer cannot hold this model ... please report it'."""
+    from safetensors.torch import load_file, save_file
+    rec = tmp_path / "rec.safetensors"
+    r = CliRunner().invoke(main, ["recursive", fixture_path("tiny-rwkv-7v0-834K.pth"), str(rec), "--blocks", "4",
+                                  "--share", "att", "--lora-rank", "8", "--no-validate"])
+    assert r.exit_code == 0, r.output
+    t = load_file(str(rec))
+    for k in [k for k in t if k.endswith("ln1.weight") or k == "ln_out.weight"]:
+        t[k] = t[k].reshape(-1, 1).clone()
+    odd = tmp_path / "odd.safetensors"
+    save_file(t, str(odd))
+    r = CliRunner().invoke(main, ["convert", str(odd), str(tmp_path / "o.pth"), "--eval-tokens", "64"])
+    assert r.exit_code == 0, r.output
+    assert torch.load(str(tmp_path / "o.pth"), weights_only=True)["ln_out.weight"].shape == (64,)
+    assert float((logits(read_checkpoint(str(tmp_path / "o.pth"))) - logits(read_checkpoint(str(rec)))).abs().max()) == 0

@@ -972,7 +972,7 @@ def max_opset() -> int:
         return newest
     so = ort.SessionOptions()
     so.log_severity_level = 4
-    for opset in range(newest, MIN_OPSET, -1):
+    for opset in range(newest, MIN_OPSET - 1, -1):
         g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])

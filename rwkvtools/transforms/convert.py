@@ -71,12 +71,9 @@ def check_layout(ckpt: Checkpoint) -> None:
     for k in t:
         if k == SHARED_MAP:
             continue  # a recursive checkpoint's layer -> block map (checked by spec.shared_map)
-        ref = k
-        if k.startswith("shared."):  # a recursive checkpoint's block tensor: shaped like its layers' tensor
-            parts = k.split(".", 2)
-            rest = parts[2] if len(parts) == 3 and parts[1].isdigit() else None
-            ref = next((f"blocks.{i}.{rest}" for i in range(spec.n_layer) if f"blocks.{i}.{rest}" in lay), None)
-            if rest is None or ref is None:
+        ref = _layout_name(k, lay, spec.n_layer)
+        if k.startswith("shared."):
+            if ref is None:
                 problems.append(f"'{k}' is not a shared block tensor of the RWKV {spec.version} layout "
                                 "(expected 'shared.<block>.<a layer tensor's name>')")
                 continue
@@ -115,15 +112,31 @@ def check_layout(ckpt: Checkpoint) -> None:
         raise SpecError(f"{len(problems)} problem(s) with the checkpoint's tensors: " + "; ".join(problems[:8]) + more)
 
 
-def canonical_vectors(ckpt: Checkpoint) -> Checkpoint:
+def _layout_name(k: str, lay: dict, n_layer: int) -> str | None:
+    """The layout entry that ``k`` is shaped like: itself, or for a recursive checkpoint's block
+    tensor 'shared.B.REST' the first layer's 'blocks.i.REST' (None when there is none)."""
+    if not k.startswith("shared."):
+        return k
+    parts = k.split(".", 2)
+    rest = parts[2] if len(parts) == 3 and parts[1].isdigit() else None
+    if rest is None:
+        return None
+    return next((f"blocks.{i}.{rest}" for i in range(n_layer) if f"blocks.{i}.{rest}" in lay), None)
+
+
+def canonical_vectors(ckpt: Checkpoint, spec=None) -> Checkpoint:
     """``ckpt`` with each per-channel vector that check_layout let through in another vector layout
     ((C, 1) or (1, C) for (C,), (C,) for (1, 1, C), ...) reshaped to the layout's shape: the same
     values, in the shape the model and every writer expect (a (C, 1) norm weight was an internal
     error in the model and a refused write in the converters)."""
     from ..spec import detect, layout
-    lay = layout(detect(ckpt.tensors))
-    odd = {k: lay[k][0] for k in ckpt.tensors
-           if k in lay and lay[k][0] and tuple(ckpt.shape(k)) != tuple(lay[k][0])}
+    spec = spec or detect(ckpt.tensors)  # given for a stored recursive checkpoint (detected on its tied view)
+    lay = layout(spec)
+    odd = {}
+    for k in ckpt.tensors:
+        ref = _layout_name(k, lay, spec.n_layer)
+        if ref in lay and lay[ref][0] and tuple(ckpt.shape(k)) != tuple(lay[ref][0]):
+            odd[k] = lay[ref][0]
     if not odd:
         return ckpt
     src = ckpt.tensors
@@ -204,7 +217,7 @@ def convert(src_path: str, dst_path: str, to: str | None = None, format: str | N
             raise RwkvToolsError(f"{src_path} is a recursive checkpoint: the RNN form holds every layer's own "
                                  "tensors; expand it first with `rwkvtools recursive SRC PLAIN --merge` and "
                                  "convert PLAIN --to rnn")
-        ck = src
+        ck = canonical_vectors(src, spec)  # written as stored, its vectors in the layout's shapes as any model's
     options = dict(writer_options)
     if fmt == "rwkvcpp":
         if dtype == "bf16":
