@@ -23,7 +23,7 @@ def build_model(ckpt: Checkpoint, device="cpu", dtype=torch.float32, spec: Model
     ckpt = prepare_for_model(ckpt)
     spec = spec or detect(ckpt.tensors, ckpt.manifest)
     check_layout(ckpt)  # a tensor of the wrong shape or an unknown one: named now, not a matmul error later
-    ckpt = canonical_vectors(ckpt)
+    ckpt = canonical_vectors(ckpt, spec)
     ctx = BuildContext(ckpt.tensors, ckpt.manifest, dtype, torch.device(device))
     tm, cm = _MIXERS[spec.version]
     rescale = FP16_RESCALE_EVERY if (dtype == torch.float16 and spec.major < 7) else 0

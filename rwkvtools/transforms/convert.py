@@ -205,9 +205,9 @@ def convert(src_path: str, dst_path: str, to: str | None = None, format: str | N
         raise RwkvToolsError("--rescale-every applies to the RNN form (--to rnn)")
     ck = prepare_for_model(src)
     check_layout(ck)
-    ck = canonical_vectors(ck)
     from ..spec import SHARED_MAP, detect
     spec = detect(ck.tensors)
+    ck = canonical_vectors(ck, spec)
     if SHARED_MAP in ck.tensors:  # recursive: written as stored (each shared tensor once), never expanded
         if fmt not in ("pth", "safetensors"):
             raise RwkvToolsError(f"{src_path} is a recursive checkpoint (its layers share blocks, 'shared.*' "

@@ -314,7 +314,6 @@ def plan(ckpt: Checkpoint, config: QuantizeConfig) -> dict:
     warnings = [f"--skip {g} matches no tensor that would be quantized" for g in config.skip if g not in used_skip]
     warnings += [f"--include {g} matches no tensor" for g in config.include if g not in used_include]
     if not tensors:
-        factored = sorted({n.rsplit(".", 1)[0] for n in t if n.endswith(".weight_u")})
         if factored and not config.skip:
             from .lowrank import merge_hint
             raise QuantizeError(f"nothing to quantize: the linears are low-rank factors ({', '.join(factored[:3])}"
