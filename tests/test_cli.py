@@ -92,6 +92,10 @@ def test_init_pth_loads_as_blinkdl(tmp_path):
     assert run("init", out, "--version", "7", "--layers", 2, "--dim", 32, "--vocab", 50, "--head-size", 8).exit_code == 0
     sd = torch.load(out, weights_only=True)
     assert sd["blocks.0.att.r_k"].shape == (4, 8) and sd["emb.weight"].shape == (50, 32)
+    # the zip's inner folder is named after the file, as torch.save names it (not a temporary name)
+    import zipfile
+    with zipfile.ZipFile(out) as z:
+        assert {n.split("/")[0] for n in z.namelist()} == {"m"}, z.namelist()[:3]
 
 
 def test_eval_fixture_text_output(shared):

@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoint import Checkpoint, default_manifest, parse_manifest, stored_forms
 from ..errors import FormatError, UnsafeFileError
-from .atomic import atomic_path
+from .atomic import staged_output
 
 # RWKV-LM files hold tensors only, so a training-form .pth carries no manifest. An RNN-form .pth
 # (not a training checkpoint) keeps its manifest as UTF-8 JSON bytes in this uint8 tensor, without
@@ -97,8 +97,10 @@ def write_pth(ckpt: Checkpoint, path: str) -> None:
     if ckpt.form != "parallel" or stored_forms(ckpt.tensors):
         blob = json.dumps(ckpt.manifest, sort_keys=True).encode("utf-8")
         sd[MANIFEST_KEY] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-    with atomic_path(path) as tmp:
-        torch.save(sd, tmp)
+    # staged under the final file name: torch.save names the zip's inner folder after the file it
+    # writes (RWKV-LM's 'rwkv-final/data.pkl'), not after a temporary name
+    with staged_output(path) as staged:
+        torch.save(sd, staged)
 
 
 def _refusal_reason(text: str) -> str:
