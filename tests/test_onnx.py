@@ -576,31 +576,42 @@ def test_onnx_model_refuses_a_vocab_the_graph_does_not_have(tmp_path, tiny_model
 
 
 # ------------------------------------------------------------------ mutation audit additions
-def test_v6_decays_beyond_the_log_decay_floor_stay_finite_and_match(tmp_path, tiny_models):
-    """v6 takes log-decay = max(-exp(ww), -60) as model/v6.py does: where exp(ww) overflows fp32
-    (ww = 100) the floor keeps the chunked sequence graph finite (an unfloored -inf turns into NaN
-    in the pairwise segment sums) and equal to the torch model."""
-    ck = tiny_models["6"]
+@pytest.mark.parametrize("version", ["4", "5.2", "6"])
+@pytest.mark.parametrize("mode", ["sequence", "step"])
+def test_decays_past_fp32_exp_range_stay_finite_and_match(tmp_path, tiny_models, version, mode):
+    """time_decay = 100 on every third channel: exp(100) = inf in fp32, a channel that forgets at
+    once (v4 w = inf, v5 log-decay -inf; v6 takes max(-exp(ww), -60) as model/v6.py does). The
+    plain recurrence gives e^-inf = 0; the chunked forms (torch and the sequence graph) turned
+    0 * inf into NaN in their segment sums. Every path finite and equal to the recurrence."""
+    from rwkvtools import ops
+    ck = tiny_models[version]
     t = dict(ck.tensors)
     td = t["blocks.1.att.time_decay"].clone()
-    td.view(-1)[::3] = 100.0                     # exp(100) = inf in fp32
+    td.view(-1)[::3] = 100.0
     t["blocks.1.att.time_decay"] = td
     ck = ck.with_tensors(t, entry={"transform": "test-extreme-decay", "options": {}})
     model = build_model(ck)
     out = tmp_path / "d.onnx"
-    export(ck, out, mode="sequence", validate=False)
+    export(ck, out, mode=mode, validate=False)
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     toks = torch.randint(0, 97, (2, 37), generator=torch.Generator().manual_seed(8)).numpy()
-    pieces = [toks[:, :21], toks[:, 21:]]
+    pieces = [toks[:, :21], toks[:, 21:]] if mode == "sequence" else [toks[:, i:i + 1] for i in range(37)]
     st, outs = zero_state(model, 2), []
     for p in pieces:
         lo, st = ort_run(sess, p, st)
         outs.append(lo)
     got = torch.from_numpy(np.concatenate(outs, 1))
-    ref, ref_st = reference(model, pieces)
-    assert torch.isfinite(ref).all() and torch.isfinite(got).all()
+    ref, ref_st = reference(model, [toks[:, :21], toks[:, 21:]])      # torch, chunked on the CPU
+    ops.set_backend("naive")
+    try:
+        plain, _ = reference(model, [toks])
+    finally:
+        ops.set_backend(None)
+    assert torch.isfinite(plain).all() and torch.isfinite(ref).all() and torch.isfinite(got).all()
+    assert float((ref - plain).abs().max()) <= 1e-4
     assert float((got - ref).abs().max()) <= 1e-4
-    assert max_rel(torch.from_numpy(st["wkv"]), ref_st["wkv"]) <= 1e-5
+    key = "aa" if version == "4" else "wkv"
+    assert max_rel(torch.from_numpy(st[key]), ref_st[key]) <= 1e-5
 
 
 def _scaled_head(ck, factor):

@@ -163,3 +163,38 @@ def test_gradients_match_naive(which):
         grads.append([x.grad for x in xs])
     for g0, g1 in zip(*grads):
         assert max_rel(g1, g0) <= 1e-9
+
+
+@pytest.mark.parametrize("T", (1, 7, 16, 33))
+@pytest.mark.parametrize("big", (1e30, 3.3e38, float("inf")))
+def test_v4_decays_past_exp_range_stay_finite(T, big):
+    """w = exp(time_decay) = inf (time_decay >= 88.73) or near float32's largest: a channel that
+    forgets at once. The recurrence handles it (e^-inf = 0); the chunked form multiplied w by
+    zero distances (0 * inf = NaN) and by negative ones past the padding."""
+    w, u, k, v = _v4_inputs(T, torch.float32)
+    w[3] = big
+    w[5] = big
+    zero = tuple(torch.zeros(2, 24) for _ in range(3))
+    y0, s0 = naive.wkv4_naive(w, u, k, v, zero)
+    y1, s1 = chunked.wkv4_chunked(w, u, k, v, zero)
+    assert torch.isfinite(y0).all() and torch.isfinite(y1).all()
+    assert max_rel(y1, y0) <= 5e-6
+    y0b, _ = naive.wkv4_naive(w, u, k, v, s0)
+    y1b, _ = chunked.wkv4_chunked(w, u, k, v, s1)
+    assert torch.isfinite(y1b).all() and max_rel(y1b, y0b) <= 5e-6
+
+
+@pytest.mark.parametrize("T", (1, 7, 33))
+@pytest.mark.parametrize("const", (False, True))
+@pytest.mark.parametrize("big", (1e30, float("inf")))
+def test_diag_log_decays_past_exp_range_stay_finite(T, const, big):
+    """A v5 log-decay -exp(time_decay) of -inf (time_decay >= 88.73; v5 has no floor, unlike v6's
+    -60): e^-inf = 0 in the recurrence; the chunked sums multiplied it by the 0/1 selection (NaN)."""
+    r, k, v, w, u, S = _diag_inputs(T, torch.float32, const=const)
+    w = w.clone()
+    w[..., 1, 3] = -big
+    y0, S0 = naive.wkv_diag_naive(r, k, v, w, u, S)
+    for pairwise in (None, True):
+        y1, S1 = chunked.wkv_diag_chunked(r, k, v, w, u, S, pairwise=pairwise)
+        assert torch.isfinite(y0).all() and torch.isfinite(y1).all() and torch.isfinite(S1).all()
+        assert max_rel(y1, y0) <= 5e-6 and max_rel(S1, S0) <= 5e-6

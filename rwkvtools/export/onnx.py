@@ -33,6 +33,7 @@ import torch
 from onnx import helper
 
 from ..errors import FormatError, RwkvToolsError
+from ..ops.chunked import DECAY_CAP
 from .graph import FLOAT, FLOAT16, INT64, ExternalData, GraphBuilder, value_info
 
 INTERFACE_VERSION = 2                # 2: one state tensor per layer (1: stacked [n_layer, batch, ...])
@@ -549,7 +550,8 @@ def _tmix_v4(em: Emitter, att, xx, st, v_first, i):
     r = em.sigmoid(em.linear(att.receptance, _mix(em, xx, prev, att.mix_r, n + "time_mix_r")))
     k = em.f32(em.linear(att.key, _mix(em, xx, prev, att.mix_k, n + "time_mix_k")))
     v = em.f32(em.linear(att.value, _mix(em, xx, prev, att.mix_v, n + "time_mix_v")))
-    w = em.p(torch.exp(att.time_decay), n + "exp_time_decay", fp32=True)
+    # capped like ops/chunked.py (DECAY_CAP): an infinite w turned 0 * inf into NaN in the chunk sums
+    w = em.p(torch.exp(att.time_decay).clamp(max=DECAY_CAP), n + "exp_time_decay", fp32=True)
     u = em.p(att.time_first, n + "time_first", fp32=True)
     y, (aa, bb, pp) = em.wkv4(w, u, k, v, st["aa"], st["bb"], st["pp"])
     out = em.linear(att.output, em.to_act(em.mul(em.f32(r), y)))
@@ -585,7 +587,8 @@ def _tmix_v5(em: Emitter, att, xx, st, v_first, i):
     r = em.heads(em.f32(em.linear(att.receptance, _mix(em, xx, prev, att.mix_r, n + "time_mix_r"))), H, N)
     k = em.heads(em.f32(em.linear(att.key, _mix(em, xx, prev, att.mix_k, n + "time_mix_k"))), H, N)
     v = em.heads(em.f32(em.linear(att.value, _mix(em, xx, prev, att.mix_v, n + "time_mix_v"))), H, N)
-    logw = em.p((-torch.exp(att.time_decay)).expand(H, N).contiguous(), n + "log_decay", fp32=True)
+    logw = em.p((-torch.exp(att.time_decay)).clamp(min=-DECAY_CAP).expand(H, N).contiguous(), n + "log_decay",
+                fp32=True)   # capped like ops/chunked.py: a log-decay of -inf gave NaN in the chunk sums
     u = em.p((torch.exp(att.bonus) if att.bonus_log else att.bonus).expand(H, N).contiguous(), n + "bonus", fp32=True)
     y, S = em.wkv_diag(r, k, v, logw, u, st["wkv"], H, N, const_decay=True)
     y = em.group_norm(y, H, N, att.ln_x_w, att.ln_x_b)

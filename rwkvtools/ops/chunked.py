@@ -17,6 +17,10 @@ import torch
 
 SAFE_EXP = 60.0
 CHUNKS = (64, 32, 16)
+# |log-decay| above this decays to exactly 0 in one step at any precision; capping there keeps the
+# chunk sums finite (a decay of -inf, from v4/v5's time_decay >= 88.73, gave 0 * inf = NaN in the
+# 0/1 selections and the zero distances) without changing any result
+DECAY_CAP = 1e30
 
 
 def _pick_chunk(max_abs_g: float, chunks=CHUNKS) -> tuple[int, bool]:
@@ -71,6 +75,7 @@ def _scan(M, C, X0, diag: bool):
 def wkv_diag_chunked(r, k, v, g, u, S, chunk: int | None = None, pairwise: bool | None = None):
     """Same contract as ops.naive.wkv_diag_naive."""
     B, T, H, N = r.shape
+    g = g.clamp(min=-DECAY_CAP)
     if g.dim() != 4:
         g = g.expand(B, T, H, N)
     max_g = float(g.detach().abs().max()) if g.numel() else 0.0
@@ -165,6 +170,7 @@ def wkv4_chunked(w, u, k, v, state, chunk: int = 16):
     the exponents (the max-shift trick applied to a whole chunk)."""
     aa, bb, pp = state
     B, T, A = k.shape
+    w = w.clamp(max=DECAY_CAP)   # w * (chunk distances) stays finite: no 0 * inf, no inf - inf
     L = min(chunk, T)
     nc = (T + L - 1) // L
     pad = nc * L - T
