@@ -333,7 +333,8 @@ def _eval(model, text, tokenizer, tokenizer_file, encoding, max_tokens, chunk_le
 def init(out, version, layers, dim, vocab, head_size, ffn_dim, seed, init_kind, dtype, force):
     """Write a random checkpoint of the given version and shape (real key names and shapes).
 
-    The format follows OUT's extension: .pth (BlinkDL) or .safetensors (default).
+    The format follows OUT's name, as for convert: .pth/.pt (BlinkDL), .safetensors, .bin
+    (rwkv.cpp), .gguf (llama.cpp; v6 and v7), or a folder without extension (Hugging Face).
 
     \b
     Examples:

@@ -210,3 +210,19 @@ def test_eval_of_a_model_whose_outputs_are_nan_fails(tmp_path):
     res = runner.invoke(main, ["eval", str(tmp_path / "nan.safetensors"), "--text", str(txt), "--json"])
     assert res.exit_code == 1 and "error: the perplexity is nan" in res.stderr, res.output
     assert json.loads(res.stdout)["ppl"] is None
+
+
+@pytest.mark.parametrize("name,fmt", [("m.pth", "pth"), ("m.safetensors", "safetensors"), ("m.bin", "rwkvcpp"),
+                                      ("m.gguf", "gguf"), ("m", "hf")])
+def test_init_writes_every_format_its_help_names(tmp_path, name, fmt):
+    from rwkvtools.io import read_checkpoint, sniff
+    out = tmp_path / name
+    res = run("init", out, "--version", "7", "--layers", 1, "--dim", 32, "--vocab", 256, "--head-size", 8)
+    assert res.exit_code == 0 and f"({fmt})" in res.output, res.output
+    assert sniff(str(out)) == fmt and read_checkpoint(str(out)).tensors["emb.weight"].shape == (256, 32)
+
+
+def test_init_unknown_extension_names_the_formats_not_an_option_it_lacks(tmp_path):
+    res = run("init", tmp_path / "m.xyz", "--version", "7", "--layers", 1, "--dim", 32, "--vocab", 50)
+    assert res.exit_code == 2 and ".gguf" in res.output and "give the format (convert --format)" not in res.output
+    assert not (tmp_path / "m.xyz").exists()

@@ -28,7 +28,7 @@ def format_from_path(path: str) -> str:
     onnx = " (ONNX files are written by `rwkvtools export-onnx`)" if ext == ".onnx" else ""
     raise FormatError(f"{path}: cannot tell the output format from the extension '{given}'{onnx}: name it "
                       ".pth/.pt, .safetensors, .bin (rwkv.cpp), .gguf or a folder without extension "
-                      "(Hugging Face), or give the format (convert --format)")
+                      "(Hugging Face); convert also takes the format as --format")
 
 
 def write_checkpoint(ckpt: Checkpoint, path: str, format: str | None = None, writer_report: dict | None = None,
