@@ -1002,3 +1002,20 @@ def test_convert_quant_reports_every_tensor_type_and_demotion(tmp_path):
     demoted = {f["tensor"]: f["written"] for f in rep["fallbacks"]}
     assert demoted and demoted == {n: t for n, (_, t) in tensors.items() if t not in ("F32", "Q4_K")}
     assert all(f["wanted"] == "Q4_K" for f in rep["fallbacks"]) and rep["quant"] == "Q4_K"
+
+
+@pytest.mark.parametrize("version,bin_named", [("4", True), ("5.2", True), ("5.1", False)])
+def test_gguf_refusal_names_only_formats_that_serve_the_model(tmp_path, version, bin_named):
+    """GGUF holds v6/v7 only; the refusal's way out names rwkv.cpp's .bin only where rwkv.cpp can
+    load that layout (not v5.1: a user following the advice was refused again)."""
+    from click.testing import CliRunner
+    from rwkvtools.cli import main
+    from rwkvtools.io.safetensors_io import write_safetensors
+    src = tmp_path / "m.safetensors"
+    write_safetensors(random_checkpoint(version, n_layer=1, n_embd=32, head_size=16, vocab=97), str(src))
+    res = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "m.gguf"), "--no-validate"])
+    assert res.exit_code == 2 and "rwkv6, rwkv7" in res.output and not (tmp_path / "m.gguf").exists()
+    assert ("model.bin" in res.output) == bin_named, res.output
+    if bin_named:   # and the advice works
+        res = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "m.bin"), "--no-validate"])
+        assert res.exit_code == 0, res.output

@@ -406,11 +406,13 @@ def gguf_plan(ckpt: Checkpoint):
     ckpt = prepare_for_model(ckpt)
     spec = detect(ckpt.tensors, ckpt.manifest)
     if spec.version not in ARCH:
+        from .rwkvcpp import layout_refusal
+        cpp = ("" if layout_refusal(spec) else   # rwkv.cpp runs v4 to v7, but not every v5 layout
+               "rwkv.cpp's .bin (rwkv.cpp runs v4 to v7: rwkvtools convert SRC model.bin), ")
         raise RwkvToolsError(
             f"GGUF: llama.cpp runs RWKV-6 and RWKV-7 only (architectures rwkv6, rwkv7); this is an "
-            f"RWKV-{spec.version} model. Formats that serve RWKV-4/5: .safetensors or .pth (rwkvtools, "
-            "ChatRWKV, RWKV-LM), rwkv.cpp's .bin (rwkv.cpp runs v4 to v7: rwkvtools convert SRC model.bin), "
-            "or ONNX (rwkvtools export-onnx)")
+            f"RWKV-{spec.version} model. Formats that serve it: .safetensors or .pth (rwkvtools, "
+            f"ChatRWKV, RWKV-LM), {cpp}or ONNX (rwkvtools export-onnx)")
     src = _Source(ckpt)
     outs = _plan_v7(src, spec) if spec.version == "7" else _plan_v6(src, spec)
     left = sorted(k for k in ckpt.tensors if k not in src.used)

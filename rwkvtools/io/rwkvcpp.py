@@ -339,19 +339,27 @@ def _file_tensor(x: torch.Tensor, name: str, last: str, v: int, spec, H: int) ->
     return x.contiguous()
 
 
+def layout_refusal(spec) -> str | None:
+    """Why rwkv.cpp cannot load this RWKV layout (None: it can, v4 to v7 but v5.1 and some v5)."""
+    if spec.version == "5.1":
+        return ("rwkv.cpp cannot load the RWKV 5.1 layout (gate with per-head decay); "
+                "write .safetensors or .pth instead")
+    if spec.version == "5.0" and spec.bonus != "time_first":
+        return ("rwkv.cpp's v5 without gate ('5.1' there) needs 'time_first'; this checkpoint has "
+                "'time_faaaa'; write .safetensors or .pth instead")
+    if spec.version == "5.2" and spec.bonus != "time_faaaa":
+        return "rwkv.cpp's v5.2 needs 'time_faaaa'; this checkpoint has 'time_first'"
+    return None
+
+
 def check_writable(ckpt: Checkpoint):
     """Refuse (FormatError) a training-form checkpoint rwkv.cpp cannot load; returns its spec."""
     from ..spec import detect, layout, linear_prefixes
     t = ckpt.tensors
     spec = detect(t)
-    if spec.version == "5.1":
-        raise FormatError("rwkv.cpp cannot load the RWKV 5.1 layout (gate with per-head decay); "
-                          "write .safetensors or .pth instead")
-    if spec.version == "5.0" and spec.bonus != "time_first":
-        raise FormatError("rwkv.cpp's v5 without gate ('5.1' there) needs 'time_first'; this checkpoint has "
-                          "'time_faaaa'; write .safetensors or .pth instead")
-    if spec.version == "5.2" and spec.bonus != "time_faaaa":
-        raise FormatError("rwkv.cpp's v5.2 needs 'time_faaaa'; this checkpoint has 'time_first'")
+    why = layout_refusal(spec)
+    if why:
+        raise FormatError(why)
     lay = layout(spec)
     for p in linear_prefixes(spec):
         if f"{p}.weight" not in t:
