@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import VERSIONS, fixture_path, max_rel
+from conftest import DATA, VERSIONS, fixture_path, max_rel
 from rwkvtools.checkpoint import Checkpoint
 from rwkvtools.errors import RwkvToolsError
 from rwkvtools.model import build_model
@@ -389,6 +389,14 @@ def test_cli_recursive_fixture_json_inspect_and_merge(tmp_path):
     assert abs(v["ppl_after"] / v["ppl_before"] - 1) < 1e-5 and v["logits_drift"]["max_abs"] < 1e-4
     r = CliRunner().invoke(main, ["recursive", dst, plain, "--force", "--blocks", "2"])
     assert r.exit_code == 2 and "already recursive" in r.output
+    # expanding takes none of the options that configure a collapse: refused, not ignored
+    for extra, named in ((["--lora-rank", "8", "--order", "sequence"], "--order, --lora-rank"),
+                         (["--calib", str(DATA / "wikitext-2-valid.txt"), "--lora-method", "whiten"],
+                          "--lora-method, --calib")):
+        r = CliRunner().invoke(main, ["recursive", dst, str(tmp_path / "x.safetensors"), "--merge", "--no-validate",
+                                      *extra])
+        assert r.exit_code == 2 and named in r.output and "without --blocks" in r.output, r.output
+        assert not (tmp_path / "x.safetensors").exists()
     dst2 = str(tmp_path / "m.pth")
     r = CliRunner().invoke(main, ["recursive", src, dst2, "--blocks", "4", "--merge", "--no-validate",
                                   "--order", "sequence", "--init", "average"])

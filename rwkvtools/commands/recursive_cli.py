@@ -128,6 +128,15 @@ def check_options(dst, opts, given=frozenset()):
     if opts["calib_tokens"] < 2:
         raise UserError("--calib-tokens must be at least 2")
     if opts["blocks"] is None:
+        # only expanding a recursive SRC (--merge) goes without --blocks: it takes nothing that
+        # configures a collapse (refused rather than ignored)
+        collapse = [o for o in ("order", "init", "lora_rank", "lora_method", "share", "keep_first", "keep_last",
+                                "calib", "calib_tokens", "seed") if o in given]
+        if collapse:
+            names = ", ".join("--" + o.replace("_", "-") for o in collapse)
+            raise UserError(f"{names} configure{'s' if len(collapse) == 1 else ''} a collapse into --blocks K "
+                            "shared blocks; without --blocks (expanding a recursive SRC with --merge) "
+                            f"{'it does' if len(collapse) == 1 else 'they do'} not apply")
         return None
     no_lora = str(opts["lora_rank"]).strip() == "0"
     if "lora_method" in given and no_lora:  # refused rather than ignored
