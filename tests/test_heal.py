@@ -137,6 +137,10 @@ def test_cli_heal(tmp_path):
     rep = json.loads(r.output)
     assert rep["written"] and rep["steps"] == 2 and rep["validation"]["logits_drift"]["tokens"] > 0
     assert rep["validation"]["kl_after"] < rep["validation"]["kl_before"]
+    # the validation record has what every transform's has (README: "validation": {"backend": ...})
+    v = rep["validation"]
+    assert v["backend"] == "chunked" and v["params_before"] == v["params_after"] == read_checkpoint(sp).num_params()
+    assert v["bytes_before"] == v["bytes_after"] > 0
     healed = read_checkpoint(dp)
     assert healed.history[-1]["transform"] == "heal" and healed.history[-2]["transform"] == "recursive"
     r = CliRunner().invoke(main, args)  # exists
@@ -147,6 +151,8 @@ def test_cli_heal(tmp_path):
     assert r.exit_code == 2 and "error:" in r.output
     r = CliRunner().invoke(main, args + ["--force", "--max-ppl-increase", "-99"])  # gate vs the teacher
     assert r.exit_code == 1 and "FAIL" in r.output
+    assert "max |logit drift| from the teacher" in r.output   # not SRC's: the line shows SRC before -> after
+    assert "above the teacher's" in CliRunner().invoke(main, ["heal", "--help"]).output.replace("\n", " ")
 
 
 def test_batch_larger_than_the_texts_windows_is_refused():

@@ -42,8 +42,12 @@ def output_guard(src: str | None, dst: str, force: bool, inputs: dict | None = N
         raise UserError(str(e)) from None
 
 
-def validation_options(fn):
-    """--eval-text / --eval-tokens / --max-ppl-increase / --device / --no-validate / --report / --json / --force"""
+def validation_options(fn=None, *, gate_help: str | None = None):
+    """--eval-text / --eval-tokens / --max-ppl-increase / --device / --no-validate / --report / --json / --force.
+    ``gate_help``: what --max-ppl-increase compares, where a command gates otherwise (heal: against
+    the teacher); used as @validation_options(gate_help=...)."""
+    if fn is None:
+        return lambda f: validation_options(f, gate_help=gate_help)
     opts = [
         click.option("--eval-text", type=click.Path(), default=None,
                      help="Held-out text for perplexity before/after (default: the packaged held-out text)."),
@@ -54,7 +58,7 @@ def validation_options(fn):
         click.option("--encoding", default="utf-8", show_default=True, callback=encoding_option,
                      help="Byte encoding for the bytes tokenizer."),
         click.option("--max-ppl-increase", type=FINITE_FLOAT, default=None, callback=_gate_needs_validation,
-                     help="Gate: fail (exit 1) when perplexity rises by more than this many percent."),
+                     help=gate_help or "Gate: fail (exit 1) when perplexity rises by more than this many percent."),
         click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
                      callback=_device_option,
                      help="Where the perplexity check (and heal's training) runs: auto = CUDA when there is "
@@ -105,7 +109,9 @@ def print_summary(title: str, report: dict, as_json: bool, lines: list[str] | No
     v = report.get("validation")
     if v:
         click.echo(f"  ppl {v['ppl_before']:.4f} -> {v['ppl_after']:.4f} ({v['ppl_increase_pct']:+.2f}%) on "
-                   f"{v['eval_tokens']} held-out tokens; max |logit drift| {v['logits_drift']['max_abs']:.4g}")
+                   f"{v['eval_tokens']} held-out tokens; max |logit drift| "
+                   + (f"from the {v['drift_against']} " if v.get("drift_against") else "")
+                   + f"{v['logits_drift']['max_abs']:.4g}")
         for g in v.get("gates", []):
             click.echo(f"  gate {'PASS' if g['passed'] else 'FAIL'}: {g['detail']}")
 

@@ -240,7 +240,8 @@ def _recursive_report(src, dst, opts, passed, spec, cfg, calib, summary, p, befo
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed (the run is deterministic for it).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar with loss and tokens/s on stderr (default: in a terminal).")
-@validation_options
+@validation_options(gate_help="Gate: fail (exit 1) when the healed model's perplexity is more than this many "
+                              "percent above the teacher's.")
 def heal(src, dst, **opts):
     """Heal a compressed model SRC by distillation from its original (--teacher); write DST.
 
@@ -279,7 +280,7 @@ def _heal(src, dst, opts):
     from ..spec import detect
     from ..transforms import prepare_for_model
     from ..transforms.heal import heal
-    from ..validate import Gate, apply_gates, logits_drift, text_tokens
+    from ..validate import Gate, apply_gates, checkpoint_bytes, logits_drift, text_tokens
 
     output_guard(src, dst, opts["force"], {"--teacher": opts["teacher"], "--text": opts["text"],
                                            "--eval-text": opts["eval_text"]}, opts["report"])
@@ -308,7 +309,10 @@ def _heal(src, dst, opts):
                       "ppl_teacher": rep["ppl_teacher"],
                       "ppl_vs_teacher_pct": 100.0 * (rep["ppl_after"] / rep["ppl_teacher"] - 1.0),
                       "kl_before": rep["kl_before"], "kl_after": rep["kl_after"], "recovered": rep["recovered"],
-                      "eval_tokens": rep["eval_tokens"], "logits_drift": drift, "drift_against": "teacher"}
+                      "eval_tokens": rep["eval_tokens"], "backend": rep["backend"], "logits_drift": drift,
+                      "drift_against": "teacher", "params_before": student.num_params(),
+                      "params_after": out.num_params(), "bytes_before": checkpoint_bytes(student),
+                      "bytes_after": checkpoint_bytes(out)}
         gates = [] if opts["max_ppl_increase"] is None else [Gate("ppl_vs_teacher_pct", max=opts["max_ppl_increase"])]
         apply_gates(validation, gates)
     passed = validation is None or validation.get("passed", True)

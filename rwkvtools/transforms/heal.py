@@ -221,9 +221,10 @@ def evaluate_pair(student, teacher, tokens, chunk: int = 256, temperature: float
         nll_t += float(F.cross_entropy(lt, y, reduction="sum"))
         kl += float(distill_kl(ls, lt, temperature, "sum"))
     m = n - 1
+    from .. import ops
     from ..validate import ppl_of
     return {"ppl_student": ppl_of(nll_s / m), "ppl_teacher": ppl_of(nll_t / m), "kl": kl / m,
-            "eval_tokens": n}
+            "eval_tokens": n, "backend": ops.backend_for(student.emb, min(chunk, m))}
 
 
 def distill_kl(ls, lt, temperature: float = 1.0, reduction: str = "mean"):
@@ -361,7 +362,7 @@ def heal(student: Checkpoint, teacher: Checkpoint, train_tokens, config: HealCon
     if before is not None:
         report.update({"eval_tokens": before["eval_tokens"], "ppl_teacher": before["ppl_teacher"],
                        "ppl_before": before["ppl_student"], "ppl_after": after["ppl_student"],
-                       "kl_before": before["kl"], "kl_after": after["kl"]})
+                       "kl_before": before["kl"], "kl_after": after["kl"], "backend": after["backend"]})
         lost = math.log(before["ppl_student"]) - math.log(before["ppl_teacher"])
         gained = math.log(before["ppl_student"]) - math.log(after["ppl_student"])
         report["recovered"] = gained / lost if lost > 0 else None
