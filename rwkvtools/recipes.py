@@ -256,7 +256,7 @@ def _one_spelling(where: str, opts: dict, sweep: str | None = None) -> None:
         raise RecipeError(f"{where}: option '{sweep}' is both set on the step and swept; keep one")
 
 
-def _check_gates(where: str, gates, provided: set[str]) -> dict:
+def _check_gates(where: str, gates, provided: set[str], scope: str = "this step") -> dict:
     if gates is None:
         return {}
     if not isinstance(gates, dict):
@@ -268,7 +268,7 @@ def _check_gates(where: str, gates, provided: set[str]) -> dict:
             raise RecipeError(f"{where}: gate '{g}' needs a finite number, got {v!r}")
         metric = GATES[g][0]
         if metric not in provided:
-            raise RecipeError(f"{where}: gate '{g}' needs the metric '{metric}', which this step does not measure "
+            raise RecipeError(f"{where}: gate '{g}' needs the metric '{metric}', which {scope} does not measure "
                               f"(it measures: {', '.join(sorted(provided))})")
     return dict(gates)
 
@@ -385,7 +385,8 @@ def _load_recipe(path: str) -> Recipe:
             provided.discard("logit_drift")
         gates = _check_gates(where, s.get("gates"), provided)
         steps.append(Step(i, kind, dict(opts), gates, sweep))
-    overall = _check_gates(f"{path}: gates", raw.get("gates"), {"ppl_increase_pct", "size_reduction"})
+    overall = _check_gates(f"{path}: gates", raw.get("gates"), {"ppl_increase_pct", "size_reduction"},
+                           "the recipe's overall result (the final file against the source)")
     model = raw.get("model")
     if model is not None and not isinstance(model, str):
         raise RecipeError(f"{path}: 'model' must be a path")

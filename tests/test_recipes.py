@@ -820,6 +820,11 @@ def test_gates_a_step_can_measure(tmp_path):
     doc = base(steps=[{"quantize": {"scheme": "int8", "no-validate": True}, "gates": {"max_logit_drift": 100}}])
     with pytest.raises(RecipeError, match="gate 'max_logit_drift' needs the metric 'logit_drift', which this step"):
         load_recipe(write(tmp_path, doc))
+    # a recipe-wide gate is not a step's: its message says what it is measured on
+    doc = base(gates={"max_logit_drift": 3})
+    with pytest.raises(RecipeError, match=r"gates: gate 'max_logit_drift' needs the metric 'logit_drift', which the "
+                                          r"recipe's overall result \(the final file against the source\) does not"):
+        load_recipe(write(tmp_path, doc))
     doc = base(eval={"tokens": 256}, steps=[{"convert": {}, "gates": {"max_logit_drift": 1e-6}}])
     rep = _run_json(write(tmp_path, doc), tmp_path / "out")
     assert rep["stages"][1]["logit_drift"] == 0 and rep["stages"][1]["gates"][0]["passed"] is True
