@@ -4,6 +4,8 @@ version collapses / loads (.safetensors and .pth) / merges / exports to ONNX, th
 exist once in memory, tied small tensors, whitened LoRA beats plain SVD on the calibration
 inputs, fp16 rescale leaves shared weights alone, hostile files, CLI."""
 import json
+import pathlib
+import re
 
 import pytest
 import torch
@@ -472,3 +474,15 @@ def test_inspect_counts_unique_parameters_not_the_layer_map(tmp_path):
     r = CliRunner().invoke(main, ["inspect", str(dst), "--json"])
     info = json.loads(r.stdout)
     assert info["parameters"]["total"] == unique
+
+
+def test_every_share_group_and_alias_is_documented():
+    """Each group and alias --share accepts is named in its --help and in the README."""
+    from rwkvtools.cli import main
+    from rwkvtools.transforms.recursive import GROUP_SETS, GROUPS
+    helptext = " ".join(CliRunner().invoke(main, ["recursive", "--help"]).output.split())
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    para = " ".join(readme[readme.index("**What is shared**"):].split("\n- **")[0].split())
+    for name in (*GROUPS, *GROUP_SETS):
+        assert f"{name} (" in helptext or f"{name} =" in helptext or f"; {name}." in helptext, name
+        assert re.search(rf"`{name}[`,]|,{name}`", para), name

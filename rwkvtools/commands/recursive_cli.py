@@ -48,7 +48,8 @@ def _writable_format(dst: str, merged: bool) -> str:
 @click.option("--share", default="att,ffn", show_default=True,
               help="Groups tied by the blocks, comma-separated: att (time-mix matrices), ffn (channel-mix "
                    "matrices), lora (v6/v7 small low-rank matrices), mix (token-shift vectors), decay (decay, "
-                   "bonus, v7 w0/a0/v0/k_k/k_a/r_k), norm (ln1, ln2, ln_x); vectors = mix,decay,norm; all. "
+                   "bonus, v7 w0/a0/v0/k_k/k_a/r_k), norm (ln1, ln2, ln_x); vectors = mix,decay,norm; "
+                   "matrices = att,ffn; all. "
                    "Only att/ffn matrices get a LoRA; the others are tied exactly.")
 @click.option("--keep-first", type=int, default=0, show_default=True, help="Leave the first N layers unshared.")
 @click.option("--keep-last", type=int, default=0, show_default=True, help="Leave the last N layers unshared.")
