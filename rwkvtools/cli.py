@@ -20,6 +20,12 @@ class UserError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+class InternalError(UserError):
+    """An unexpected exception: a bug in rwkvtools (or a library below it), not the user's input.
+    Exit code 3, so that a CI job can tell it from bad input (2) and a failed gate (1)."""
+    exit_code = 3
+
+
 class Stopped(click.ClickException):
     """The run was stopped by a signal (Ctrl-C: SIGINT; SIGTERM, SIGHUP: rwkvtools.entry); exit
     code 128 + the signal's number, as a shell reports it (Ctrl-C: 130, not the 1 of a failed
@@ -95,7 +101,7 @@ def _drop_stdout() -> None:
 def raise_internal(e: Exception):
     if os.environ.get("RWKVTOOLS_DEBUG") == "1":
         traceback.print_exception(e)
-    raise UserError(f"internal error ({type(e).__name__}: {e}); please report it "
+    raise InternalError(f"internal error ({type(e).__name__}: {e}); please report it "
                     "(set RWKVTOOLS_DEBUG=1 for the traceback)") from None
 
 

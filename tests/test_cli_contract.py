@@ -9,7 +9,7 @@ heal, export-onnx, recipe run), for every output format each offers, on tiny ran
     transform, an exception or Ctrl-C at the very rename onto DST) leaves no DST, no temporary
     entry, and a pre-existing DST as it was (a failed gate still writes --report, as documented);
 (d) user errors print `error:` and exit 2, with no traceback and no "internal error"; gates
-    exit 1;
+    exit 1; an internal error (an unexpected exception) exits 3;
 (e) with --json, stdout is exactly one JSON document (progress bars go to stderr);
 (f) --help shows examples, and each of them parses.
 
@@ -423,8 +423,10 @@ def test_exception_in_the_transform_leaves_nothing(ws, monkeypatch, case, exc):
         raise exc("boom")
     monkeypatch.setattr(TRANSFORM[CASES[case][0]], boom)
     res = invoke(args_for(case, ws, dst, "--force", *no_validate(case)))
-    assert res.exit_code == (130 if exc is KeyboardInterrupt else 2), res.output
+    assert res.exit_code == (130 if exc is KeyboardInterrupt else 3), res.output   # a bug: 3, not bad input's 2
     assert "Traceback" not in res.output
+    if exc is RuntimeError:
+        assert "error: internal error (RuntimeError: boom); please report it" in res.output, res.output
     assert snapshot(ws) == before
 
 
@@ -977,3 +979,17 @@ def test_gguf_writer_out_of_space_is_a_user_error(ws, monkeypatch):
     res = invoke(["convert", ws / "src.safetensors", ws / "o.gguf", "--no-validate"])
     assert_user_error(res, "cannot write", "an output not finished was removed")
     assert snapshot(ws) == before
+
+
+def test_internal_error_traceback_only_with_debug(ws, monkeypatch, capsys):
+    """RWKVTOOLS_DEBUG=1 prints the traceback of an internal error (exit 3 either way)."""
+    def boom(*a, **k):
+        raise ValueError("kaboom")
+    monkeypatch.setattr("rwkvtools.random_init.random_checkpoint", boom)
+    args = ["init", str(ws / "m.safetensors"), "--version", "7", "--layers", "1", "--dim", "32", "--vocab", "64"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 3 and "Traceback" not in res.output and "ValueError: kaboom" in res.output
+    monkeypatch.setenv("RWKVTOOLS_DEBUG", "1")
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 3 and "Traceback (most recent call last)" in capsys.readouterr().err + res.output
+    assert not (ws / "m.safetensors").exists()
