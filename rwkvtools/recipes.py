@@ -211,12 +211,23 @@ def _expand_path_option(cmd, opt: str, value, base_dir: str):
 
 def _option_names(cmd) -> list[str]:
     import click
-    return sorted(o.lstrip("-") for p in cmd.params if isinstance(p, click.Option) and p.name not in RESERVED
-                  for o in p.opts[:1])
+    return sorted([o.lstrip("-") for p in cmd.params if isinstance(p, click.Option) and p.name not in RESERVED
+                   for o in p.opts[:1]] + (["output"] if cmd.name in OUTPUT_KINDS else []))
+
+
+# the recipe's own step option: the format of the stage's file, for the commands that take it from
+# DST's name (the run names DST); convert takes its own 'format' option instead
+OUTPUT_EXT = {"safetensors": ".safetensors", "pth": ".pth", "rwkvcpp": ".bin", "gguf": ".gguf", "hf": ""}
+OUTPUT_KINDS = ("lowrank", "recursive", "heal", "quantize")
 
 
 def _check_value(where: str, cmd, opt: str, value):
     import click
+    if opt == "output" and cmd.name in OUTPUT_KINDS:
+        if value not in OUTPUT_EXT:
+            raise RecipeError(f"{where}: option 'output' (the stage file's format) is one of "
+                              f"{', '.join(OUTPUT_EXT)}, not {value!r}")
+        return
     p = _param_for(cmd, opt)
     if p is None or not isinstance(p, click.Option) or p.name in RESERVED:
         raise RecipeError(f"{where}: unknown option '{opt}' for '{cmd.name}'; allowed: {', '.join(_option_names(cmd))}")
@@ -494,8 +505,9 @@ def _step_refusal(kind: str, opts: dict, forms: set[str]) -> str | None:
     if kind == "quantize":
         if forms & {"quantized", "recursive"}:
             return f"quantize needs a dense model, and its input is {_form_words(forms & {'quantized', 'recursive'})}"
-        if "lowrank" in forms and ext == ".bin":
-            return "rwkv.cpp files hold dense matrices, and its input is low-rank (merge it first, or write GGUF)"
+        if "lowrank" in forms and ext in (".bin", ".gguf"):
+            return ("rwkv.cpp and GGUF files hold dense matrices quantized in blocks, and its input is low-rank "
+                    "(merge it first: a lowrank step with merge: true)")
     if kind == "heal" and "quantized" in forms:
         return "heal trains float tensors, and its input's linears are int8/int4 (heal before quantize)"
     if kind == "heal" and not forms & {"lowrank", "recursive", UNKNOWN} and not set(
@@ -559,6 +571,8 @@ def check_chain(recipe: Recipe, model: str | None = None) -> None:
 def _args_for(cmd, options: dict) -> list[str]:
     args = []
     for k, v in options.items():
+        if k == "output" and cmd.name in OUTPUT_KINDS:   # the recipe's: DST's name carries it
+            continue
         p = _param_for(cmd, k)
         flag = p.opts[0]
         if p.is_flag:
@@ -628,6 +642,8 @@ def _params(path: str) -> int | None:
 
 
 def _out_ext(kind: str, options: dict, src: str) -> str:
+    if kind in OUTPUT_KINDS and options.get("output") is not None:
+        return OUTPUT_EXT[options["output"]]
     ext = STEP_KINDS[kind][1]
     if ext:
         return ext
@@ -637,7 +653,7 @@ def _out_ext(kind: str, options: dict, src: str) -> str:
             fmt, ".safetensors")
     if kind == "quantize":
         scheme = str(options.get("scheme", "int8"))
-        if options.get("format") == "gguf" or scheme.endswith("_K"):
+        if scheme.endswith("_K"):
             return ".gguf"
         return ".bin" if scheme.upper().startswith("Q") else ".safetensors"
     return ".safetensors"
