@@ -613,17 +613,10 @@ def _invoke(args: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def _companions(path: str) -> list[str]:
-    """The files a model at ``path`` is made of: a folder's files, or the file and an ONNX
-    file's external data beside it (OUT.onnx.data)."""
-    if os.path.isdir(path):
-        return sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
-    return [path] + ([path + ".data"] if path.endswith(".onnx") and os.path.isfile(path + ".data") else [])
-
-
 def _file_key(path: str) -> str:
     h = hashlib.sha256()
-    paths = _companions(path)
+    from .io.paths import model_files
+    paths = model_files(path)
     for p in paths:
         st = os.stat(p)
         h.update(f"{os.path.relpath(p, path) if p != path else ''}:{st.st_size}:{int(st.st_mtime_ns)}".encode())
@@ -631,7 +624,8 @@ def _file_key(path: str) -> str:
 
 
 def _size(path: str) -> int:
-    return sum(os.path.getsize(p) for p in _companions(path))
+    from .io.paths import disk_bytes
+    return disk_bytes(path) or 0
 
 
 def _params(path: str) -> int | None:

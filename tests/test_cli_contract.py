@@ -480,6 +480,24 @@ def test_json_is_the_whole_stdout(ws, case):
     after = snapshot(ws)
     new = {k.split(os.sep)[0] for k in set(after) - set(before)}
     assert new == written(case) | {"report.json"}
+    # every writing command's report leads with the same keys, named alike (README, "Commands")
+    cmd = CASES[case][0]
+    assert list(rep)[:9] == ["command", "src", "dst", "written", "version", "file_bytes_before",
+                             "file_bytes_after", "ppl_before", "ppl_after"], list(rep)[:9]
+    assert rep["command"] == cmd and rep["src"] == str(source(case, ws)) and rep["dst"] == str(dst)
+    assert rep["written"] is True and rep["version"] == "7"
+    assert rep["file_bytes_before"] == sum(f.stat().st_size for f in [source(case, ws)] if f.is_file()) or \
+        source(case, ws).is_dir()
+    assert rep["file_bytes_after"] == sum(
+        f.stat().st_size for w in written(case) for f in ([ws / w] if (ws / w).is_file() else (ws / w).rglob("*"))
+        if f.is_file())
+    if cmd == "export-onnx":
+        assert rep["ppl_before"] is None and rep["ppl_after"] is None
+    else:
+        v = rep["validation"]
+        assert rep["ppl_before"] == v["ppl_before"] and rep["ppl_after"] == v["ppl_after"] > 1
+        assert {"backend", "ppl_before", "ppl_after", "bytes_before", "bytes_after", "params_before",
+                "params_after", "logits_drift", "gates", "passed"} <= set(v), sorted(v)
     assert {k: v for k, v in after.items() if k in before} == before
 
 

@@ -1141,3 +1141,36 @@ def test_recursive_checkpoint_with_vectors_in_another_layout_converts(tmp_path):
     assert r.exit_code == 0, r.output
     assert torch.load(str(tmp_path / "o.pth"), weights_only=True)["ln_out.weight"].shape == (64,)
     assert float((logits(read_checkpoint(str(tmp_path / "o.pth"))) - logits(read_checkpoint(str(rec)))).abs().max()) == 0
+
+
+def test_validation_holds_one_model_at_a_time_and_scores_an_identical_output_once(tmp_path, monkeypatch):
+    """The check built both fp32 models at once (7x the file at 0.4B: a 14B model could not be
+    converted with the default check); the first model is gone before the second is built. A
+    convert whose output reads back with every tensor, dtype and value equal is one model: scored
+    once (half the time); one that changes the dtype is scored twice."""
+    import gc
+    import rwkvtools.model as M
+    built, alive_at_build = [], []
+    real = M.build_model
+
+    def tracking(ckpt, *a, **k):
+        gc.collect()
+        alive_at_build.append(sum(r() is not None for r in built))
+        m = real(ckpt, *a, **k)
+        built.append(weakref.ref(m))
+        return m
+    monkeypatch.setattr(M, "build_model", tracking)
+    src = tmp_path / "m.safetensors"
+    write_safetensors(random_checkpoint("7", n_layer=2, n_embd=32, head_size=16, vocab=256, seed=2), str(src))
+    r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "o.pth"), "--eval-tokens", "64", "--json"])
+    assert r.exit_code == 0, r.output
+    v = json.loads(r.output)["validation"]
+    assert len(built) == 1 and "scored_once" in v and v["ppl_after"] == v["ppl_before"]
+    assert v["logits_drift"]["max_abs"] == 0
+    built.clear(), alive_at_build.clear()
+    r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "h.pth"), "--dtype", "fp16", "--eval-tokens", "64",
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    v = json.loads(r.output)["validation"]
+    assert len(built) == 2 and alive_at_build == [0, 0], alive_at_build
+    assert "scored_once" not in v and v["ppl_after"] != v["ppl_before"] and v["logits_drift"]["max_abs"] > 0

@@ -116,8 +116,9 @@ def print_summary(title: str, report: dict, as_json: bool, lines: list[str] | No
             click.echo(f"  gate {'PASS' if g['passed'] else 'FAIL'}: {g['detail']}")
 
 
-def run_validation(before, after, opts: dict) -> dict | None:
-    """The standard post-transform check from the validation options; None with --no-validate."""
+def run_validation(before, after, opts: dict, identical: bool = False) -> dict | None:
+    """The standard post-transform check from the validation options; None with --no-validate.
+    ``identical``: every tensor of ``after`` was compared equal to ``before``'s (scored once)."""
     if opts.get("no_validate"):
         return None
     from ..spec import detect
@@ -126,7 +127,7 @@ def run_validation(before, after, opts: dict) -> dict | None:
     toks = text_tokens(opts.get("eval_text"), spec.vocab, "heldout", opts.get("tokenizer", "auto"),
                        opts.get("eval_tokens"), opts.get("encoding", "utf-8"))
     device = check_device(opts.get("device") or "auto")
-    return validate_transform(before, after, toks, opts.get("max_ppl_increase"), device=device)
+    return validate_transform(before, after, toks, opts.get("max_ppl_increase"), device=device, identical=identical)
 
 
 def encoding_option(ctx, param, value):
@@ -167,6 +168,27 @@ def check_device(device: str) -> str:
     raise UserError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
 
 
+CORE_KEYS = ("command", "src", "dst", "version", "written", "file_bytes_before", "file_bytes_after",
+             "ppl_before", "ppl_after")
+
+
+def with_core(report: dict, command: str, src: str, dst: str, version: str | None, written: bool,
+              output: str | None) -> dict:
+    """``report`` led by the keys every writing command's report has, named alike (CORE_KEYS):
+    the command, SRC and DST as given, the RWKV version, whether DST was written, the bytes on
+    disk of SRC and of the output (``output``: the file as written, under its staged name; None
+    when nothing was written) and the held-out perplexity before and after (None when not
+    measured). A figure the report already has (not None) is kept."""
+    from ..io.paths import disk_bytes
+    v = report.get("validation") or {}
+    fixed = {"command": command, "src": src, "dst": dst, "written": written}
+    measured = {"version": version, "file_bytes_before": disk_bytes(src),
+                "file_bytes_after": disk_bytes(output) if written else None,
+                "ppl_before": v.get("ppl_before"), "ppl_after": v.get("ppl_after")}
+    measured.update({k: report[k] for k in measured if report.get(k) is not None})
+    return {**fixed, **measured, **{k: x for k, x in report.items() if k not in fixed and k not in measured}}
+
+
 def publish(dst: str, passed: bool, write, describe, title: str, opts: dict) -> None:
     """DST and its --report, published together. ``write(path)`` writes the output (only when the
     gate passed) under a staged name beside DST; ``describe(path)`` (the staged output, or None
@@ -181,6 +203,8 @@ def publish(dst: str, passed: bool, write, describe, title: str, opts: dict) -> 
         if passed:
             write(staged, fmt)
         report, lines = describe(staged if passed else None)
+        report = with_core(report, report["command"], report["src"], dst, report.get("version"), passed,
+                           staged if passed else None)
         if not passed:
             print_summary(title, report, opts["as_json"], lines)
         finish(report, opts)  # a failed gate raises here, before DST is renamed

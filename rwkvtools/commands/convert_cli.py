@@ -91,6 +91,7 @@ def check_options(dst, opts, given=frozenset()):
 def _convert(src, dst, to, fmt, dtype, rescale_every, cpp_type, writer_opts, progress, opts, quant=None):
     from ..io.atomic import staged_output
     from ..transforms.convert import convert as do_convert
+    from .common import with_core
     from ..io.writers import format_from_path
     output_guard(src, dst, opts.get("force", False), {"--eval-text": opts.get("eval_text")},
                  opts.get("report"), fmt or format_from_path(dst))
@@ -100,7 +101,6 @@ def _convert(src, dst, to, fmt, dtype, rescale_every, cpp_type, writer_opts, pro
     with staged_output(dst) as staged:
         report = do_convert(src, staged, to=to, format=fmt, dtype=dtype, rescale_every=rescale_every,
                             progress=progress, **options)
-        report["dst"] = dst
         if not opts.get("no_validate"):
             from ..io import read_checkpoint
             from ..transforms import prepare_for_model
@@ -114,9 +114,10 @@ def _convert(src, dst, to, fmt, dtype, rescale_every, cpp_type, writer_opts, pro
                 raise FormatError(f"{dst} not written: it reads back with '{tc['shape_mismatch']}' of shape "
                                   f"{tuple(tc['shapes'][1])}, the source has {tuple(tc['shapes'][0])} (the {fmt} "
                                   "writer cannot hold this model as it is; please report it)")
-            report["validation"] = run_validation(before, after, opts)
+            report["validation"] = run_validation(before, after, opts, identical=tc["same_model"])
         v = report.get("validation")
-        report["written"] = not v or v.get("passed", True)
+        written = not v or v.get("passed", True)
+        report = with_core(report, "convert", src, dst, report.get("version"), written, staged)
         lines = _summary_lines(report)
         if not report["written"]:
             print_summary(f"NOT written (gate failed): {dst}", report, opts.get("as_json"), lines)

@@ -86,7 +86,7 @@ def _export(src, out, mode, dtype, opset, chunk_len, logits, linear_op, no_valid
     from ..errors import GateError
     from ..export.onnx import ExportError, export_onnx, validation_failure_message
     from ..io.atomic import staged_output
-    from .common import output_guard, write_report
+    from .common import output_guard, with_core, write_report
     output_guard(src, out, force, report=report_path, fmt="onnx")
     output_guard(src, out + ".data", force, fmt="onnx")  # where external weights go
     if report_path and os.path.realpath(os.path.abspath(report_path)) == os.path.realpath(os.path.abspath(out + ".data")):
@@ -104,6 +104,7 @@ def _export(src, out, mode, dtype, opset, chunk_len, logits, linear_op, no_valid
         except ExportError as e:  # name OUT, not the temporary name it is written under
             raise ExportError(str(e).replace(staged, out)) from None
         rep["output"] = os.path.abspath(out)
+        rep = with_core(rep, "export-onnx", src, out, rep["rwkv_version"], rep["published"], staged)
         write_report(rep, report_path)
         if not rep["published"]:
             _show(rep, out, as_json)

@@ -92,6 +92,7 @@ def recursive(src, dst, **opts):
 
 def _merge_only(src, dst, src_ck, fmt, opts):
     from ..io.writers import write_checkpoint
+    from ..spec import detect
     from ..transforms import prepare_for_model
     from ..transforms.recursive import merge
     from ..validate import checkpoint_bytes
@@ -106,8 +107,8 @@ def _merge_only(src, dst, src_ck, fmt, opts):
     summary = (src_ck.manifest.get("recursive") or {}).get("summary", "recursive checkpoint")
 
     def describe(_staged):
-        report = {"command": "recursive", "src": src, "dst": dst, "written": passed, "merged": True,
-                  "merge_only": True, "from": summary, "params_before": src_ck.num_params(),
+        report = {"command": "recursive", "src": src, "dst": dst, "written": passed,
+                  "version": detect(after.tensors).version, "merged": True, "merge_only": True, "from": summary, "params_before": src_ck.num_params(),
                   "params_after": after.num_params(), "bytes_before": checkpoint_bytes(src_ck),
                   "bytes_after": checkpoint_bytes(after), "seconds_transform": time.perf_counter() - t0,
                   "validation": validation}
@@ -319,7 +320,8 @@ def _heal(src, dst, opts):
     passed = validation is None or validation.get("passed", True)
 
     def describe(_staged):
-        return _heal_report(src, dst, opts, passed, cfg, train, rep, validation)
+        report, lines = _heal_report(src, dst, opts, passed, cfg, train, rep, validation)
+        return {**report, "version": spec.version}, lines
 
     publish(dst, passed, lambda path, fmt: write_checkpoint(out, path, fmt), describe, f"heal {src} -> {dst}", opts)
 

@@ -8,6 +8,22 @@ import os
 from ..errors import RwkvToolsError
 
 
+def model_files(path: str) -> list[str]:
+    """The files a model at ``path`` is made of: a folder's files, or the file and an ONNX
+    file's external data beside it (OUT.onnx.data)."""
+    if os.path.isdir(path):
+        return sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    return [path] + ([path + ".data"] if path.endswith(".onnx") and os.path.isfile(path + ".data") else [])
+
+
+def disk_bytes(path: str | None) -> int | None:
+    """Bytes on disk of the model at ``path`` (every file of it, see model_files); None when there
+    is none."""
+    if not path or not os.path.exists(path):
+        return None
+    return sum(os.path.getsize(p) for p in model_files(path))
+
+
 def _real(path: str) -> str:
     return os.path.realpath(os.path.abspath(path))
 

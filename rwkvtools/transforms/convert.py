@@ -271,9 +271,8 @@ def _sniff(path: str) -> str:
 
 
 def _size(path: str) -> int:
-    if os.path.isdir(path):
-        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-    return os.path.getsize(path) if os.path.exists(path) else 0
+    from ..io.paths import disk_bytes
+    return disk_bytes(path) or 0
 
 
 def compare_checkpoints(a: Checkpoint, b: Checkpoint) -> dict:
@@ -283,7 +282,7 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint) -> dict:
     a, b = prepare_for_model(a), prepare_for_model(b)
     only_a = [k for k in a.tensors if k not in b.tensors]
     only_b = [k for k in b.tensors if k not in a.tensors]
-    worst, worst_name, identical, n = 0.0, None, 0, 0
+    worst, worst_name, identical, n, same = 0.0, None, 0, 0, 0
     for k in a.tensors:
         if k not in b.tensors:
             continue
@@ -295,6 +294,7 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint) -> dict:
                     "only_in_source": only_a, "only_in_output": only_b}
         if x.dtype == y.dtype and torch.equal(x, y):
             identical += 1
+            same += 1
             continue
         d = 0.0
         if x.numel():
@@ -309,4 +309,6 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint) -> dict:
             worst, worst_name = d, k
     return {"compared": n, "identical": identical, "max_abs_diff": worst,
             "max_abs_diff_tensor": worst_name if worst > 0 else None,
-            "only_in_source": only_a, "only_in_output": only_b}
+            "only_in_source": only_a, "only_in_output": only_b,
+            # the same tensors, dtypes and values: the same model (it runs the same arithmetic)
+            "same_model": n > 0 and same == n and not only_a and not only_b}
