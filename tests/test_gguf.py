@@ -372,9 +372,11 @@ def test_manifest_history_survives(tmp_path, tiny_models):
     assert back.manifest["source_format"]["architecture"] == "rwkv7"
 
 
-def test_v6_rescaled_file_is_undone_on_read(tmp_path, tiny_models):
+@pytest.mark.parametrize("stored", [np.float32, np.float16])
+def test_v6_rescaled_file_is_undone_on_read(tmp_path, tiny_models, stored):
     """llama.cpp's converter writes time_mix_output / channel_mix_value of layer i divided by
-    2^(i // R) when rescale_every_n_layers = R > 0; reading must give the training weights back."""
+    2^(i // R) when rescale_every_n_layers = R > 0; reading must give the training weights back
+    (and, stored as F16, the dtype the reader states without loading is the one loading gives)."""
     ck = tiny_models["6"]
     plain = tmp_path / "p.gguf"
     write_gguf(ck, str(plain), tokenizer="none")
@@ -393,7 +395,7 @@ def test_v6_rescaled_file_is_undone_on_read(tmp_path, tiny_models):
         m = __import__("re").match(r"blk\.(\d+)\.(time_mix_output|channel_mix_value)\.weight", t.name)
         if m:
             data = data / 2.0 ** (int(m.group(1)) // R)
-        w.add_tensor(t.name, data.astype(np.float32))
+        w.add_tensor(t.name, data.astype(stored if data.ndim > 1 else np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -401,7 +403,11 @@ def test_v6_rescaled_file_is_undone_on_read(tmp_path, tiny_models):
     back = read_gguf(str(resc))
     assert back.manifest["source_format"]["rescale_every_n_layers"] == R
     for k in ck.tensors:
-        assert torch.equal(back.tensors[k], ck.tensors[k]), k
+        assert back.tensors.dtype(k) == back.tensors[k].dtype, k
+        if stored is np.float32:
+            assert torch.equal(back.tensors[k], ck.tensors[k]), k
+    assert back.tensors.dtype("blocks.2.ffn.value.weight") == torch.float32          # rescaled: recomputed
+    assert back.tensors.dtype("blocks.2.ffn.key.weight") == (torch.float32 if stored is np.float32 else torch.float16)
 
 
 # ------------------------------------------------------------------------------------------- errors

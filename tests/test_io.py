@@ -318,3 +318,38 @@ def test_a_manifest_of_an_unknown_form_is_refused(tmp_path, tiny_models):
     write_safetensors(ck.with_tensors(ck.tensors, form="zzz"), str(p))
     with pytest.raises(FormatError, match="'form' is 'zzz'"):
         read_checkpoint(str(p))
+
+
+def _gguf_variants(tmp_path):
+    from rwkvtools.io.writers import write_checkpoint
+    from rwkvtools.random_init import random_checkpoint
+    out = []
+    for v, dtype, opts in (("7", torch.float16, {}), ("7", torch.float32, {"quant": "Q8_0"}),
+                           ("6", torch.bfloat16, {}), ("6", torch.float32, {"quant": "Q4_K"})):
+        ck = random_checkpoint(v, n_layer=2, n_embd=64, head_size=16, vocab=256, seed=3, dtype=dtype)
+        p = tmp_path / f"m{v}-{len(out)}.gguf"
+        write_checkpoint(ck, str(p), **opts)
+        out.append(str(p))
+    return out
+
+
+def test_gguf_and_rwkvcpp_dtypes_are_known_without_loading(tmp_path, monkeypatch):
+    """A dtype query on a .gguf or rwkv.cpp checkpoint loaded (and dequantized) the whole tensor:
+    inspect and convert's layout check unpacked every tensor once more (795 loads, 6 s at 1.5B).
+    The dtype is known from the stored type; it must equal what loading gives."""
+    import glob
+
+    from rwkvtools.io import gguf_io, read_checkpoint, rwkvcpp
+    paths = sorted(glob.glob(os.path.join(os.environ.get("RWKVTOOLS_SHARED", "../shared"), "fixtures", "*.bin")))
+    paths += _gguf_variants(tmp_path)
+    loads = []
+    for cls in (rwkvcpp._Raw, gguf_io._Data):
+        real = cls.tensor
+        monkeypatch.setattr(cls, "tensor", lambda self, r, real=real: loads.append(1) or real(self, r))
+    for p in paths:
+        ck = read_checkpoint(p)
+        loads.clear()
+        dtypes = {k: ck.tensors.dtype(k) for k in ck.tensors}
+        assert not loads, f"{p}: {len(loads)} tensors loaded to tell dtypes"
+        got = {k: ck.tensors[k].dtype for k in ck.tensors}
+        assert dtypes == got, (p, {k: (dtypes[k], got[k]) for k in got if dtypes[k] != got[k]})

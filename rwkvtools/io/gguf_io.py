@@ -801,6 +801,11 @@ def parse_gguf(path: str) -> GGUFFile:
     return g
 
 
+def _loaded_dtype(ti: GGUFTensorInfo) -> torch.dtype:
+    """The dtype _dequantize gives a tensor, known from its type alone."""
+    return {"F16": torch.float16, "BF16": torch.bfloat16}.get(ti.type_name, torch.float32)
+
+
 def _dequantize(raw: np.ndarray, ti: GGUFTensorInfo) -> torch.Tensor:
     shape = ti.shape
     t = ti.type_name
@@ -867,7 +872,7 @@ def read_gguf(path: str) -> Checkpoint:
     if shift != 2:
         raise FormatError(f"{path}: {arch}.token_shift_count = {shift}; BlinkDL RWKV layouts have 2")
     data = _Data(g)
-    plan: dict[str, tuple[tuple, Callable[[], torch.Tensor]]] = {}
+    plan: dict[str, tuple[tuple, Callable[[], torch.Tensor], torch.dtype]] = {}
     used: set[str] = set()
 
     def need(gname: str, size: int | None = None) -> GGUFTensorInfo:
@@ -879,7 +884,7 @@ def read_gguf(path: str) -> Checkpoint:
         used.add(gname)
         return ti
 
-    def put(name: str, gname: str, shape: tuple | None = None, fn=None, size_check=True):
+    def put(name: str, gname: str, shape: tuple | None = None, fn=None, size_check=True, recomputed=False):
         ti = need(gname)
         shape = tuple(shape) if shape is not None else ti.shape
         if size_check and int(np.prod(ti.ne)) != int(np.prod(shape)):
@@ -891,7 +896,7 @@ def read_gguf(path: str) -> Checkpoint:
             if fn is not None:
                 t = fn(t)
             return t.reshape(shape).contiguous()
-        plan[name] = (shape, load)
+        plan[name] = (shape, load, torch.float32 if recomputed else _loaded_dtype(ti))
 
     def transposed(name: str, gname: str):
         ti = need(gname)
@@ -905,7 +910,8 @@ def read_gguf(path: str) -> Checkpoint:
         if int(np.prod(ti.ne)) != k * C:
             raise FormatError(f"{path}: GGUF tensor '{gname}' has ggml shape {ti.ne}, expected {k} x {C} values")
         for j, n in enumerate(names):
-            plan[n] = ((1, 1, C), lambda gname=gname, j=j: data.tensor(gname).reshape(k, C)[j].reshape(1, 1, C).clone())
+            plan[n] = ((1, 1, C), lambda gname=gname, j=j: data.tensor(gname).reshape(k, C)[j].reshape(1, 1, C).clone(),
+                       _loaded_dtype(ti))
 
     put("emb.weight", "token_embd.weight")
     V = g.tensors["token_embd.weight"].shape[0]
@@ -939,10 +945,10 @@ def read_gguf(path: str) -> Checkpoint:
             put(a + "r_k", b + "time_mix_r_k.weight", (H, N))
             for lin in ("key", "value", "receptance"):
                 put(a + f"{lin}.weight", b + f"time_mix_{lin}.weight")
-            put(a + "output.weight", b + "time_mix_output.weight", fn=undo)
+            put(a + "output.weight", b + "time_mix_output.weight", fn=undo, recomputed=undo is not None)
             put(f + "x_k", b + "channel_mix_lerp_k.weight", (1, 1, C))
             put(f + "key.weight", b + "channel_mix_key.weight")
-            put(f + "value.weight", b + "channel_mix_value.weight", fn=undo)
+            put(f + "value.weight", b + "channel_mix_value.weight", fn=undo, recomputed=undo is not None)
         else:
             put(a + "time_maa_x", b + "time_mix_lerp_x.weight", (1, 1, C))
             if b + "time_mix_lerp_fused.weight" in g.tensors:
@@ -962,12 +968,12 @@ def read_gguf(path: str) -> Checkpoint:
             put(a + "time_faaaa", b + "time_mix_first.weight", (H, N))
             for lin in ("key", "value", "receptance", "gate"):
                 put(a + f"{lin}.weight", b + f"time_mix_{lin}.weight")
-            put(a + "output.weight", b + "time_mix_output.weight", fn=undo)
+            put(a + "output.weight", b + "time_mix_output.weight", fn=undo, recomputed=undo is not None)
             put(f + "time_maa_k", b + "channel_mix_lerp_k.weight", (1, 1, C))
             put(f + "time_maa_r", b + "channel_mix_lerp_r.weight", (1, 1, C))
             put(f + "key.weight", b + "channel_mix_key.weight")
             put(f + "receptance.weight", b + "channel_mix_receptance.weight")
-            put(f + "value.weight", b + "channel_mix_value.weight", fn=undo)
+            put(f + "value.weight", b + "channel_mix_value.weight", fn=undo, recomputed=undo is not None)
     extra = sorted(set(g.tensors) - used)
     if extra:
         raise FormatError(f"{path}: GGUF holds tensor(s) an {arch} model does not have: {', '.join(extra[:8])}")
@@ -984,7 +990,9 @@ def read_gguf(path: str) -> Checkpoint:
                                  "tokenizer": plain("tokenizer.ggml.model"), "name": plain("general.name"),
                                  **({"rescale_every_n_layers": R} if arch == "rwkv6" else {})}  # rwkv7 has no such key
     names = list(plan)
-    ck = Checkpoint(LazyTensors(names, lambda k: plan[k][1](), {k: plan[k][0] for k in names}), manifest, source=path)
+    # dtypes known without loading (a query loaded and dequantized the tensor)
+    ck = Checkpoint(LazyTensors(names, lambda k: plan[k][1](), {k: plan[k][0] for k in names},
+                                {k: plan[k][2] for k in names}), manifest, source=path)
     spec = detect(ck.tensors, ck.manifest)  # validates the result (raises a SpecError naming the problem)
     if spec.vocab != V or spec.n_layer != L:
         raise FormatError(f"{path}: GGUF metadata disagrees with its tensors")

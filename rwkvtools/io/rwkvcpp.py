@@ -173,7 +173,10 @@ def read_rwkvcpp(path: str, raw: bool = False) -> Checkpoint:
                              "back to the stored decay (exact for rewriting; near decay 1 not unique)"]
     names = list(plan)
     shapes = {k: plan[k][1] for k in names}
-    ck = Checkpoint(LazyTensors(names, lambda k: plan[k][0](src), shapes), manifest, source=path)
+    # dtypes known without loading (a query loaded and dequantized the tensor): FP16 records load
+    # as fp16 unless a value is recomputed (decays, bonuses: float32); FP32 and quantized as float32
+    dtypes = {k: plan[k][2] for k in names}
+    ck = Checkpoint(LazyTensors(names, lambda k: plan[k][0](src), shapes, dtypes), manifest, source=path)
     from ..spec import detect
     spec = detect(ck.tensors)
     said = {"n_vocab": spec.vocab, "n_embed": spec.n_embd, "n_layer": spec.n_layer}
@@ -183,11 +186,17 @@ def read_rwkvcpp(path: str, raw: bool = False) -> Checkpoint:
     return ck
 
 
+def _loaded_dtype(r: Record, recomputed: bool = False) -> torch.dtype:
+    """The dtype _Raw.tensor gives a record (FP16 stays fp16; FP32 and block types: float32), or
+    float32 where the loader recomputes the value."""
+    return torch.float16 if r.dtype == 1 and not recomputed else torch.float32
+
+
 def _inverse_plan(version: str, recs: dict[str, Record], header: dict, path: str) -> dict:
-    """name -> (loader(src) -> tensor, training-form shape)."""
+    """name -> (loader(src) -> tensor, training-form shape, dtype it loads as)."""
     plan: dict = {}
 
-    def plain(r: Record, shape=None, fn=None):
+    def plain(r: Record, shape=None, fn=None, recomputed: bool = False):
         shape = tuple(shape) if shape is not None else r.shape
         if math.prod(shape) != math.prod(r.shape):
             raise FormatError(f"{path}: tensor '{r.name}' has shape {r.shape}, which does not fit its "
@@ -198,7 +207,7 @@ def _inverse_plan(version: str, recs: dict[str, Record], header: dict, path: str
             if fn is not None:
                 t = fn(t)
             return t.reshape(shape)
-        return load, shape
+        return load, shape, _loaded_dtype(r, recomputed)
 
     def dims(r: Record, n: int) -> tuple:
         if len(r.shape) != n:
@@ -215,7 +224,8 @@ def _inverse_plan(version: str, recs: dict[str, Record], header: dict, path: str
             prefix = name[: -len("x_rwkvag")]
             c = sh[-1]
             for i, m in enumerate(V7_MIX):
-                plan[prefix + m] = (lambda src, r=r, i=i, c=c: src.tensor(r).reshape(6, c)[i].reshape(1, 1, c).clone(), (1, 1, c))
+                plan[prefix + m] = (lambda src, r=r, i=i, c=c: src.tensor(r).reshape(6, c)[i].reshape(1, 1, c).clone(),
+                                    (1, 1, c), _loaded_dtype(r))
             continue
         if (version == "7" and last in V7_LORA and ".att." in name) or \
                 (version == "6" and last in ("time_maa_w1", "time_decay_w1", "time_decay_w2")):
@@ -233,14 +243,14 @@ def _inverse_plan(version: str, recs: dict[str, Record], header: dict, path: str
             if last.startswith("time_mix") or last.startswith("time_maa"):
                 plan[name] = plain(r, (1, 1, n))
             elif version == "4" and last == "time_decay":
-                plan[name] = plain(r, (n,), lambda t: invert_value("neg_exp", t)[0])
+                plan[name] = plain(r, (n,), lambda t: invert_value("neg_exp", t)[0], recomputed=True)
             elif version == "4":
                 plan[name] = plain(r, (n,))
             elif version == "5" and last == "time_decay":
                 shape = (sh[0],) if (len(sh) == 1 or sh[1] == 1) else (sh[0], sh[1])
-                plan[name] = plain(r, shape, lambda t: invert_value("exp_neg_exp", t)[0])
+                plan[name] = plain(r, shape, lambda t: invert_value("exp_neg_exp", t)[0], recomputed=True)
             elif version == "5" and last == "time_first":
-                plan[name] = plain(r, (sh[0],), lambda t: invert_value("exp", t)[0])
+                plan[name] = plain(r, (sh[0],), lambda t: invert_value("exp", t)[0], recomputed=True)
             elif last == "time_faaaa":
                 h = sh[0]
                 plan[name] = plain(r, (h, n // h))
