@@ -224,7 +224,7 @@ OUTPUT_KINDS = ("lowrank", "recursive", "heal", "quantize")
 def _check_value(where: str, cmd, opt: str, value):
     import click
     if opt == "output" and cmd.name in OUTPUT_KINDS:
-        if value not in OUTPUT_EXT:
+        if not isinstance(value, str) or value not in OUTPUT_EXT:
             raise RecipeError(f"{where}: option 'output' (the stage file's format) is one of "
                               f"{', '.join(OUTPUT_EXT)}, not {value!r}")
         return
@@ -510,6 +510,12 @@ def _step_refusal(kind: str, opts: dict, forms: set[str]) -> str | None:
                     "(merge it first: a lowrank step with merge: true)")
     if kind == "heal" and "quantized" in forms:
         return "heal trains float tensors, and its input's linears are int8/int4 (heal before quantize)"
+    if kind == "heal" and "recursive" in forms and ext not in (".safetensors", ".pth"):
+        return ("a healed recursive checkpoint is written as .safetensors or .pth (expand it afterwards: "
+                "a recursive step with merge: true)")
+    if kind == "heal" and "lowrank" in forms and ext in (".bin", ""):
+        return (f"{'rwkv.cpp' if ext == '.bin' else 'Hugging Face'} files hold dense matrices, and heal keeps its "
+                "input's low-rank factors (write .safetensors, .pth or .gguf)")
     if kind == "heal" and not forms & {"lowrank", "recursive", UNKNOWN} and not set(
             str(_option(opts, "train", "auto")).split(",")) & {"all", "shared"}:
         return "heal trains LoRA or low-rank factors (or --train all), and its input has neither"
@@ -536,8 +542,8 @@ def _forms_after(kind: str, opts: dict, forms: set[str]) -> set[str]:
         return forms
     if kind == "export-onnx":
         return {"onnx"}
-    if ext in (".gguf", ".bin"):  # written dense (GGUF densifies); read back dense
-        return forms - {"quantized", "lowrank", UNKNOWN}
+    if ext in (".gguf", ".bin"):  # written dense (GGUF densifies; recursive only when merged); read back dense
+        return forms - {"quantized", "lowrank", "recursive", UNKNOWN}
     if kind == "lowrank":
         return forms - {"lowrank"} if merge else forms | {"lowrank"}
     if kind == "recursive":

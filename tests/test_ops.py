@@ -198,3 +198,22 @@ def test_diag_log_decays_past_exp_range_stay_finite(T, const, big):
         y1, S1 = chunked.wkv_diag_chunked(r, k, v, w, u, S, pairwise=pairwise)
         assert torch.isfinite(y0).all() and torch.isfinite(y1).all() and torch.isfinite(S1).all()
         assert max_rel(y1, y0) <= 5e-6 and max_rel(S1, S0) <= 5e-6
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_half_precision_decays_run_and_stay_finite(dtype):
+    """The decay cap fits the dtype: fp16 cannot hold 1e30 (clamping with it raised), so fp16 is
+    capped at 511 (64 steps of it stay finite); e^-511 is 0 in fp16 as e^-inf is."""
+    r, k, v, w, u, S = _diag_inputs(33, torch.float32)
+    w = w.clone()
+    w[..., 1, 3] = float("-inf")
+    y0, _ = naive.wkv_diag_naive(r, k, v, w, u, S)
+    y1, _ = chunked.wkv_diag_chunked(r, k, v, w.to(dtype).float(), u, S)   # the model's path: fp32 decays
+    y2, _ = chunked.wkv_diag_chunked(*(x.to(dtype) for x in (r, k, v, w, u, S)))
+    assert torch.isfinite(y1).all() and torch.isfinite(y2).all()
+    assert max_rel(y2.float(), y0) <= (0.05 if dtype == torch.bfloat16 else 0.01)
+    wv, uv, kv, vv = _v4_inputs(33, torch.float32)
+    wv[3] = float("inf")
+    zero = tuple(torch.zeros(2, 24, dtype=dtype) for _ in range(3))
+    y3, _ = chunked.wkv4_chunked(wv.to(dtype), uv.to(dtype), kv.to(dtype), vv.to(dtype), zero)
+    assert torch.isfinite(y3).all()

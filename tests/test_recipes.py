@@ -534,6 +534,10 @@ CHAIN_STEPS = [  # (kind, options) as a recipe writes them
     ("quantize", {"scheme": "int8"}), ("quantize", {"scheme": "Q5_1"}), ("quantize", {"scheme": "Q4_K"}),
     ("quantize", {"scheme": "Q5_1", "output": "gguf"}), ("quantize", {"scheme": "int8", "output": "pth"}),
     ("lowrank", {"rank": 0.5, "method": "svd", "merge": True, "output": "rwkvcpp"}),
+    ("recursive", {"merge": True, "output": "gguf"}), ("recursive", {"merge": True, "output": "rwkvcpp"}),
+    ("heal", {"tokens": 64, "seq-len": 16, "batch-size": 1, "output": "rwkvcpp"}),
+    ("heal", {"tokens": 64, "seq-len": 16, "batch-size": 1, "output": "gguf"}),
+    ("heal", {"tokens": 64, "seq-len": 16, "batch-size": 1, "output": "hf"}),
     ("heal", {"tokens": 64, "seq-len": 16, "batch-size": 1}),
     ("heal", {"tokens": 64, "seq-len": 16, "batch-size": 1, "train": "all"}),
     ("export-onnx", {}), ("eval", {"max-tokens": 64}),
@@ -883,6 +887,8 @@ def test_step_output_chooses_the_stage_files_format(tmp_path):
     from rwkvtools.io import sniff
     assert sniff(str(out / "01-quantize.gguf")) == "gguf" and sniff(str(out / "02-quantize.bin")) == "rwkvcpp"
     for step, match in (({"quantize": {"scheme": "Q5_1", "output": "onnx"}}, "option 'output' .* is one of"),
+                        ({"quantize": {"scheme": "Q5_1", "output": ["gguf"]}}, "option 'output' .* is one of"),
+                        ({"quantize": {"scheme": "Q5_1", "output": {"a": 1}}}, "option 'output' .* is one of"),
                         ({"convert": {"output": "gguf"}}, "unknown option 'output' for 'convert'"),
                         ({"quantize": {"scheme": "Q4_K", "output": "rwkvcpp"}}, r"\.gguf")):
         with pytest.raises(RecipeError, match=match):

@@ -399,6 +399,9 @@ def test_cli_recursive_fixture_json_inspect_and_merge(tmp_path):
                                       *extra])
         assert r.exit_code == 2 and named in r.output and "without --blocks" in r.output, r.output
         assert not (tmp_path / "x.safetensors").exists()
+    # a forgotten --blocks (no --merge) is named as such, not as an option to drop
+    r = CliRunner().invoke(main, ["recursive", src, str(tmp_path / "x.safetensors"), "--lora-rank", "8"])
+    assert r.exit_code == 2 and "--blocks K is required" in r.output, r.output
     dst2 = str(tmp_path / "m.pth")
     r = CliRunner().invoke(main, ["recursive", src, dst2, "--blocks", "4", "--merge", "--no-validate",
                                   "--order", "sequence", "--init", "average"])

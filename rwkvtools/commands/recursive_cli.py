@@ -134,7 +134,7 @@ def check_options(dst, opts, given=frozenset()):
         # configures a collapse (refused rather than ignored)
         collapse = [o for o in ("order", "init", "lora_rank", "lora_method", "share", "keep_first", "keep_last",
                                 "calib", "calib_tokens", "seed") if o in given]
-        if collapse:
+        if collapse and opts["merge"]:   # without --merge, '--blocks K is required' (or SRC is recursive) comes next
             names = ", ".join("--" + o.replace("_", "-") for o in collapse)
             raise UserError(f"{names} configure{'s' if len(collapse) == 1 else ''} a collapse into --blocks K "
                             "shared blocks; without --blocks (expanding a recursive SRC with --merge) "

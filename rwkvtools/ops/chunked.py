@@ -23,6 +23,11 @@ CHUNKS = (64, 32, 16)
 DECAY_CAP = 1e30
 
 
+def _decay_cap(dtype) -> float:
+    """DECAY_CAP, or less where the dtype cannot hold it (fp16: 511; 64 steps of it stay finite)."""
+    return min(DECAY_CAP, torch.finfo(dtype).max / 128)
+
+
 def _pick_chunk(max_abs_g: float, chunks=CHUNKS) -> tuple[int, bool]:
     for L in chunks:
         if L * max_abs_g <= SAFE_EXP:
@@ -75,7 +80,7 @@ def _scan(M, C, X0, diag: bool):
 def wkv_diag_chunked(r, k, v, g, u, S, chunk: int | None = None, pairwise: bool | None = None):
     """Same contract as ops.naive.wkv_diag_naive."""
     B, T, H, N = r.shape
-    g = g.clamp(min=-DECAY_CAP)
+    g = g.clamp(min=-_decay_cap(g.dtype))
     if g.dim() != 4:
         g = g.expand(B, T, H, N)
     max_g = float(g.detach().abs().max()) if g.numel() else 0.0
@@ -170,7 +175,7 @@ def wkv4_chunked(w, u, k, v, state, chunk: int = 16):
     the exponents (the max-shift trick applied to a whole chunk)."""
     aa, bb, pp = state
     B, T, A = k.shape
-    w = w.clamp(max=DECAY_CAP)   # w * (chunk distances) stays finite: no 0 * inf, no inf - inf
+    w = w.clamp(max=_decay_cap(w.dtype))   # w * (chunk distances) stays finite: no 0 * inf, no inf - inf
     L = min(chunk, T)
     nc = (T + L - 1) // L
     pad = nc * L - T
