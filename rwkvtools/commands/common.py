@@ -168,7 +168,7 @@ def check_device(device: str) -> str:
     raise UserError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
 
 
-CORE_KEYS = ("command", "src", "dst", "version", "written", "file_bytes_before", "file_bytes_after",
+CORE_KEYS = ("command", "src", "dst", "written", "version", "file_bytes_before", "file_bytes_after",
              "ppl_before", "ppl_after")
 
 
@@ -186,7 +186,8 @@ def with_core(report: dict, command: str, src: str, dst: str, version: str | Non
                 "file_bytes_after": disk_bytes(output) if written else None,
                 "ppl_before": v.get("ppl_before"), "ppl_after": v.get("ppl_after")}
     measured.update({k: report[k] for k in measured if report.get(k) is not None})
-    return {**fixed, **measured, **{k: x for k, x in report.items() if k not in fixed and k not in measured}}
+    core = {**fixed, **measured}
+    return {**{k: core[k] for k in CORE_KEYS}, **{k: x for k, x in report.items() if k not in core}}
 
 
 def publish(dst: str, passed: bool, write, describe, title: str, opts: dict) -> None:

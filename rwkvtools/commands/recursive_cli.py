@@ -108,8 +108,8 @@ def _merge_only(src, dst, src_ck, fmt, opts):
 
     def describe(_staged):
         report = {"command": "recursive", "src": src, "dst": dst, "written": passed,
-                  "version": detect(after.tensors).version, "merged": True, "merge_only": True, "from": summary, "params_before": src_ck.num_params(),
-                  "params_after": after.num_params(), "bytes_before": checkpoint_bytes(src_ck),
+                  "version": detect(after.tensors).version, "merged": True, "merge_only": True, "from": summary,
+                  "params_before": src_ck.num_params(), "params_after": after.num_params(), "bytes_before": checkpoint_bytes(src_ck),
                   "bytes_after": checkpoint_bytes(after), "seconds_transform": time.perf_counter() - t0,
                   "validation": validation}
         lines = [f"expanded: {summary}",
